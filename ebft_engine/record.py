@@ -1,0 +1,86 @@
+"""The run folder: ``runs/<id>/`` with config.json, events.jsonl, blocks.csv and summary.json.
+
+JSON files are written to a temporary file and renamed, so a reader never sees half a file; events are
+appended one line at a time and :func:`read_events` skips a torn last line.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .events import BlockFinished, Event, event_from_dict, event_to_dict
+
+BLOCK_COLUMNS = ("label", "block", "initial_loss", "final_loss", "seconds", "sparsity")
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunRecord:
+    """Writes one run's folder as its events pass by."""
+
+    def __init__(self, runs_dir: str | Path, run_id: str):
+        self.dir = Path(runs_dir) / run_id
+        try:
+            self.dir.mkdir(parents=True, exist_ok=False)
+            probe = self.dir / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError("runs_dir", f"cannot write run records under {str(runs_dir)!r} ({e.strerror})",
+                              "choose a writable folder with --runs-dir") from None
+        self._events = open(self.dir / "events.jsonl", "a", encoding="utf-8")
+        self._blocks: list[dict[str, Any]] = []
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json_atomic(self.dir / "config.json", config)
+
+    def append(self, event: Event) -> None:
+        self._events.write(json.dumps(event_to_dict(event), default=str) + "\n")
+        self._events.flush()
+        if isinstance(event, BlockFinished):
+            self._blocks.append({k: getattr(event, k) for k in BLOCK_COLUMNS})
+            self._write_blocks()
+
+    def _write_blocks(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=BLOCK_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self._blocks)
+        tmp = self.dir / "blocks.csv.tmp"
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, self.dir / "blocks.csv")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json_atomic(self.dir / "summary.json", summary)
+
+    def close(self) -> None:
+        self._events.close()
+
+
+def read_events(run_dir: str | Path) -> list[Event]:
+    """All events of a run folder; a torn or unreadable line (a crash mid-write) is skipped."""
+    events = []
+    path = Path(run_dir) / "events.jsonl"
+    if not path.is_file():
+        return events
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            events.append(event_from_dict(json.loads(line)))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return events

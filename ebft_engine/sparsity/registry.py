@@ -1,0 +1,58 @@
+"""Pruning methods by name. A method maps (weight, statistics, sparsity, pattern) to a keep-mask, and
+optionally to updated weights (only SparseGPT updates weights). Adding a method is adding one file."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Activation statistics of one linear layer's inputs, from the dense pass over the calibration set.
+
+    Attributes:
+        input_norms: (in_features,) mean over sequences of the squared L2 norm of each input column (Wanda).
+        hessian: (in_features, in_features) ``2/N Σ XᵀX`` in float32 (SparseGPT), N counted in sequences.
+    """
+
+    input_norms: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MaskResult:
+    mask: torch.Tensor  # bool, True = kept
+    weight: torch.Tensor | None = None  # updated weights (SparseGPT), already zero where the mask is False
+
+
+@dataclass(frozen=True)
+class PruneMethod:
+    name: str
+    needs: frozenset[str]  # statistics the method reads: "input_norms", "hessian"
+    fn: Callable[[torch.Tensor, LayerStats, float, "tuple[int, int] | None"], MaskResult]
+    description: str = ""
+
+
+_METHODS: dict[str, PruneMethod] = {}
+
+
+def register(name: str, needs: tuple[str, ...] = (), description: str = ""):
+    def wrap(fn):
+        _METHODS[name] = PruneMethod(name, frozenset(needs), fn, description)
+        return fn
+
+    return wrap
+
+
+def get_method(name: str) -> PruneMethod:
+    if name not in _METHODS:
+        raise ConfigError("prune.method", f"unknown method {name!r}", f"choose one of {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def available_methods() -> list[str]:
+    return list(_METHODS)

@@ -1,0 +1,62 @@
+"""Collect the activation statistics pruning methods need, with forward hooks during the dense pass.
+
+Linears that read the same tensor (q/k/v, gate/up) share one set of statistics.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..models import INPUT_GROUPS
+from .registry import LayerStats
+
+
+class StatsCollector:
+    """Accumulates, per input group, Σ‖x_j‖² and/or Σ XᵀX over calibration sequences."""
+
+    def __init__(self, needs: frozenset[str]):
+        self.needs = needs
+        self.sq_norms: dict[str, torch.Tensor] = {}
+        self.xtx: dict[str, torch.Tensor] = {}
+        self.sequences = 0
+
+    def _hook(self, group: str):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output) -> None:
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()  # (batch*seq, in)
+            with torch.autocast(device_type=x.device.type, enabled=False):  # XᵀX in float32, not bf16
+                self._accumulate(group, x)
+
+        return hook
+
+    def _accumulate(self, group: str, x: torch.Tensor) -> None:
+        if "input_norms" in self.needs:
+            s = (x * x).sum(0)
+            self.sq_norms[group] = self.sq_norms[group] + s if group in self.sq_norms else s
+        if "hessian" in self.needs:
+            h = x.T @ x
+            self.xtx[group] = self.xtx[group] + h if group in self.xtx else h
+
+    @contextlib.contextmanager
+    def attach(self, linears: dict[str, nn.Linear]) -> Iterator[StatsCollector]:
+        handles = [] if not self.needs else [
+            linears[group[0]].register_forward_hook(self._hook(group[0])) for group in INPUT_GROUPS]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    def count(self, sequences: int) -> None:
+        """Record how many calibration sequences the forward pass just saw."""
+        self.sequences += sequences
+
+    def layer_stats(self, name: str) -> LayerStats:
+        group = next(g[0] for g in INPUT_GROUPS if name in g)
+        n = max(self.sequences, 1)
+        norms = self.sq_norms[group] / n if group in self.sq_norms else None
+        hessian = self.xtx[group] * (2.0 / n) if group in self.xtx else None
+        return LayerStats(input_norms=norms, hessian=hessian)

@@ -1,0 +1,50 @@
+"""The command line: flags spelled as documented, errors as one line, the table at the end."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+from ebft_engine.cli import FLAGS, build_parser, config_from_args, main
+
+DOCUMENTED = ["--model", "--method", "--sparsity", "--pattern", "--calib", "--nsamples", "--seqlen", "--epochs",
+              "--lr", "--batch-size", "--eval", "--eval-seqlen", "--eval-windows", "--baselines", "--device",
+              "--dtype", "--seed", "--json-out", "--save-model"]
+
+
+def test_documented_flags_exist():
+    assert set(DOCUMENTED) <= set(FLAGS)
+    args = build_parser().parse_args(["run", "--config", "assets/presets/smollm2-demo.yaml", "--sparsity", "0.7",
+                                      "--baselines", "magnitude,sparsegpt", "--eval-windows", "4"])
+    config = config_from_args(args)
+    assert config.prune.sparsity == 0.7 and config.baselines == ("magnitude", "sparsegpt")
+    assert config.eval.windows == 4 and config.calib.source == "self"  # the rest comes from the preset
+
+
+def test_bad_flag_value_is_one_clear_line():
+    proc = subprocess.run([sys.executable, "-m", "ebft_engine", "run", "--sparsity", "1.5"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: prune.sparsity: 1.5 is outside [0, 1); give the fraction of weights to remove, e.g. 0.5 for 50%"]
+
+
+def test_cli_run_on_tiny_model_prints_table(tiny_run_config, tmp_path):
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(tiny_run_config.to_yaml())
+    out = io.StringIO()
+    code = main(["run", "--config", str(preset), "--baselines", "wanda", "--json-out", str(tmp_path / "s.json"),
+                 "--quiet"], out=out)
+    text = out.getvalue()
+    assert code == 0, text
+    assert "| dense |" in text and "| wanda |" in text and "| ebft |" in text and "partial" in text
+    assert set(json.loads((tmp_path / "s.json").read_text())["ppl"]) == {"dense", "wanda", "ebft"}
+
+
+def test_missing_model_fails_with_message(tiny_run_config, tmp_path):
+    out = io.StringIO()
+    code = main(["run", "--model", str(tmp_path / "nowhere.gguf"), "--runs-dir", str(tmp_path / "runs"),
+                 "--quiet"], out=out)
+    assert code == 1
+    assert "GGUF file" in out.getvalue() and "does not exist" in out.getvalue()

@@ -1,0 +1,134 @@
+"""The whole run on the tiny model: event order, records, comparisons, cancellation, export."""
+from __future__ import annotations
+
+import csv
+import json
+import threading
+
+import pytest
+import torch
+
+from ebft_engine import RunConfig, read_events, run
+from ebft_engine.events import (BlockFinished, BlockStarted, EvalFinished, PhaseStarted, RunFinished, RunStarted,
+                                StepLoss)
+
+
+def _collect(config, cancel=None):
+    return list(run(config, cancel))
+
+
+def test_event_order_and_summary(tiny_run_config):
+    config = tiny_run_config.with_overrides({"baselines": "magnitude,wanda,sparsegpt"})
+    events = _collect(config)
+    assert isinstance(events[0], RunStarted) and isinstance(events[-1], RunFinished)
+    assert sum(isinstance(e, RunFinished) for e in events) == 1
+    finished = events[-1]
+    assert finished.status == "finished", [e for e in events if e.kind == "notice"]
+    assert list(finished.summary["ppl"]) == ["dense", "magnitude", "wanda", "sparsegpt", "ebft"]
+    # phases in order: load, data, dense eval, then per variant its block pass and its eval
+    phases = [(e.phase, e.label) for e in events if isinstance(e, PhaseStarted)]
+    assert phases[:3] == [("load", config.model), ("data", ""), ("eval", "dense")]
+    assert phases[3:] == [("prune", "magnitude"), ("eval", "magnitude"), ("prune", "wanda"), ("eval", "wanda"),
+                          ("prune", "sparsegpt"), ("eval", "sparsegpt"), ("ebft", "ebft"), ("eval", "ebft")]
+    # within EBFT: block k starts, its steps, then it finishes, before block k+1 starts
+    ebft = [e for e in events if getattr(e, "label", None) == "ebft" and isinstance(e, (BlockStarted, StepLoss,
+                                                                                          BlockFinished))]
+    blocks = [(type(e).__name__, e.block) for e in ebft if not isinstance(e, StepLoss)]
+    assert blocks == [("BlockStarted", 0), ("BlockFinished", 0), ("BlockStarted", 1), ("BlockFinished", 1)]
+    assert all(e.block == 0 for e in ebft[1:ebft.index(next(e for e in ebft if isinstance(e, BlockFinished)))])
+    for e in ebft:
+        if isinstance(e, BlockFinished):
+            assert e.final_loss < e.initial_loss
+            assert e.sparsity == pytest.approx(0.5)
+    summary = finished.summary
+    assert set(summary["actual_sparsity"]) == {"magnitude", "wanda", "sparsegpt", "ebft"}
+    assert all(s == pytest.approx(0.5) for s in summary["actual_sparsity"].values())
+    assert [b["index"] for b in summary["blocks"]] == [0, 1]
+    assert summary["eval"]["windows"] == 4 and summary["eval"]["partial"] is True
+    assert {"total", "load", "data", "eval:dense", "ebft:ebft"} <= set(summary["seconds"])
+
+
+def test_run_folder_holds_the_record(tiny_run_config):
+    events = _collect(tiny_run_config)
+    run_dir = events[0].run_dir
+    from pathlib import Path
+
+    folder = Path(run_dir)
+    assert json.loads((folder / "config.json").read_text()) == tiny_run_config.to_dict()
+    assert json.loads((folder / "summary.json").read_text()) == events[-1].summary
+    stored = read_events(folder)
+    assert [e.kind for e in stored] == [e.kind for e in events]
+    rows = list(csv.DictReader((folder / "blocks.csv").open()))
+    assert [(r["label"], r["block"]) for r in rows] == [("ebft", "0"), ("ebft", "1")]
+    # a torn last line (a crash mid-write) is skipped by the reader
+    with (folder / "events.jsonl").open("a") as f:
+        f.write('{"kind": "step_loss", "label": "eb')
+    assert len(read_events(folder)) == len(events)
+
+
+def test_json_out_and_saved_model_reload_to_same_perplexity(tiny_run_config, tmp_path):
+    out, saved = tmp_path / "summary.json", tmp_path / "sparse-model"
+    config = tiny_run_config.with_overrides({"json_out": str(out), "save_model": str(saved)})
+    events = _collect(config)
+    assert events[-1].status == "finished"
+    assert json.loads(out.read_text())["ppl"] == events[-1].summary["ppl"]
+    assert (saved / "model.safetensors").is_file()
+    again = _collect(config.with_overrides({"model": str(saved), "ebft.epochs": 0, "prune.sparsity": 0.0,
+                                            "json_out": None, "save_model": None}))
+    assert again[-1].summary["ppl"]["dense"] == pytest.approx(events[-1].summary["ppl"]["ebft"], rel=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(saved)
+    weight = reloaded.model.layers[0].mlp.down_proj.weight
+    assert float((weight == 0).float().mean()) == pytest.approx(0.5)
+
+
+def test_cancel_between_steps_keeps_partial_results(tiny_run_config):
+    cancel = threading.Event()
+    events = []
+    for event in run(tiny_run_config.with_overrides({"baselines": "wanda"}), cancel):
+        events.append(event)
+        if isinstance(event, StepLoss) and event.step == 3:
+            cancel.set()
+    finished = events[-1]
+    assert finished.status == "cancelled"
+    steps_after = [e for e in events[events.index(next(e for e in events if isinstance(e, StepLoss)
+                                                          and e.step == 3)) + 1:] if isinstance(e, StepLoss)]
+    assert steps_after == []  # ended within one step
+    assert set(finished.summary["ppl"]) == {"dense", "wanda"}  # finished numbers survive
+    # the process is ready for the next run
+    assert _collect(tiny_run_config)[-1].status == "finished"
+
+
+def test_consumer_closing_the_generator_records_cancelled(tiny_run_config):
+    gen = run(tiny_run_config)
+    first = next(gen)
+    gen.close()
+    from pathlib import Path
+
+    summary = json.loads((Path(first.run_dir) / "summary.json").read_text())
+    assert summary["status"] == "cancelled"
+
+
+def test_failure_is_reported_as_events_not_traceback(tiny_run_config, tmp_path):
+    config = tiny_run_config.with_overrides({"calib.seqlen": 5000})
+    events = _collect(config)
+    assert events[-1].status == "failed"
+    notice = [e for e in events if e.kind == "notice" and e.level == "error"][0]
+    assert "calib.seqlen" in notice.text and "context of 128" in notice.text
+
+
+def test_dense_weights_restored_between_variants(tiny_run_config):
+    """Every variant starts from the dense weights: wanda as a baseline equals wanda run alone."""
+    both = _collect(tiny_run_config.with_overrides({"baselines": "sparsegpt,wanda", "ebft.epochs": 0}))
+    alone = _collect(tiny_run_config.with_overrides({"baselines": "wanda", "ebft.epochs": 0}))
+    assert both[-1].summary["ppl"]["wanda"] == pytest.approx(alone[-1].summary["ppl"]["wanda"], rel=1e-9)
+
+
+def test_unwritable_runs_dir_is_refused_before_the_run(tiny_run_config, tmp_path):
+    from ebft_engine import ConfigError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="runs_dir"):
+        next(run(tiny_run_config.with_overrides({"runs_dir": str(blocker / "runs")})))
