@@ -126,6 +126,50 @@ def load_model(source: ModelSource, dtype: torch.dtype):
     return model, tokenizer
 
 
+# One loaded model per process, with a copy of its dense block weights: loading (GGUF dequantisation above
+# all) is slow, and every run restores the dense weights from the copy instead of reading the disk again.
+_CACHE: dict[tuple, tuple[Any, Any, list[torch.Tensor]]] = {}
+CACHE_MAX_PARAMS = 1_000_000_000  # larger models are not kept: the copy would double their host memory
+
+
+def load_model_cached(source: ModelSource, dtype: torch.dtype, n_params: int):
+    """(model, tokenizer, dense block weights or None) with the model's blocks restored to the dense weights.
+
+    Models up to CACHE_MAX_PARAMS stay loaded between runs in this process; larger ones load every time and
+    get no copy (the pipeline makes one only if a run compares several pruned variants).
+    """
+    key = (source.path, source.gguf_file, str(dtype), _mtime(source))
+    if key in _CACHE:
+        model, tokenizer, dense = _CACHE[key]
+        restore_blocks(model, dense)
+        return model, tokenizer, dense
+    _CACHE.clear()
+    model, tokenizer = load_model(source, dtype)
+    if n_params > CACHE_MAX_PARAMS:
+        return model, tokenizer, None
+    dense = [p.detach().clone() for p in model.model.layers.parameters()]
+    _CACHE[key] = (model, tokenizer, dense)
+    return model, tokenizer, dense
+
+
+def _mtime(source: ModelSource) -> float:
+    """Newest modification time of the files behind a local source (0 for a hub id): a folder rewritten in
+    place must not be served from the cache."""
+    path = Path(source.path)
+    if source.gguf_file:
+        path = path / source.gguf_file
+    if path.is_file():
+        return path.stat().st_mtime
+    return max((f.stat().st_mtime for f in path.iterdir() if f.is_file()), default=0.0) if path.is_dir() else 0.0
+
+
+def restore_blocks(model: nn.Module, dense: list[torch.Tensor]) -> None:
+    """Copy the dense block weights back into the model (in place: no new tensors)."""
+    with torch.no_grad():
+        for p, saved in zip(model.model.layers.parameters(), dense):
+            p.copy_(saved)
+
+
 def _load_failure(source: ModelSource, error: Exception) -> str:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
     return (f"model: could not load {source.label}: {reason[:300]}. Check the hub id or path; without "

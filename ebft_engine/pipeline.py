@@ -27,7 +27,7 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
                      RunFinished, RunStarted)
 from .evaluate import perplexity
 from .finetune import batch_mse, finetune_block
-from .models import LlamaAdapter, count_params, load_config, load_model, resolve_source
+from .models import LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
 from .record import RunRecord, new_run_id, write_json_atomic
 from .sparsity import StatsCollector, get_method
 
@@ -111,13 +111,14 @@ class _Run:
             variants.append(("ebft", cfg.prune.method, True))
         elif cfg.prune.method not in cfg.baselines:
             variants.append((cfg.prune.method, cfg.prune.method, False))
-        dense = self._snapshot() if len(variants) > 1 else None
+        if self.dense is None and len(variants) > 1:
+            self.dense = [p.detach().clone() for p in self.adapter.blocks.parameters()]
         for k, (label, method, train) in enumerate(variants):
             if k > 0:
-                self._restore(dense)
+                restore_blocks(self.model, self.dense)
             yield from self._block_loop(label, method, train)
             yield from self._evaluate(label)
-        del dense
+        self.dense = None
         if cfg.save_model:
             yield from self._timed("save", "", self._save)
 
@@ -142,7 +143,8 @@ class _Run:
         self._check_against_model(model_config)
         device = pick_device(cfg.device)
         self.precision = pick_precision(device, cfg.dtype, count_params(model_config))
-        self.model, self.tokenizer = load_model(source, self.precision.storage)
+        self.model, self.tokenizer, self.dense = load_model_cached(source, self.precision.storage,
+                                                                   count_params(model_config))
         self.adapter = LlamaAdapter(self.model)
         p = self.precision
         yield self.emit(Notice("info", f"loaded {source.label}: {self.adapter.num_blocks} blocks, "
@@ -181,7 +183,7 @@ class _Run:
             yield self.emit(Notice("info", f"calibration: generating {cfg.calib.nsamples} sequences of "
                                            f"{cfg.calib.seqlen} tokens with the dense model (cached afterwards)"))
         self.calib_ids = calibration_tokens(self.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
-                                            cfg.seed, model=self.model, device=self.precision.device)
+                                            cfg.seed, model=self.model, precision=self.precision)
         self.calib_info = {"source": cfg.calib.source, "nsamples": cfg.calib.nsamples,
                            "seqlen": cfg.calib.seqlen, "tokens": int(self.calib_ids.numel())}
         yield self.emit(self._phase_done("data", "", t))
@@ -293,15 +295,7 @@ class _Run:
             masks[linear.weight] = result.mask.to(self.precision.device)
         return masks
 
-    # ---- dense copy, export, summary --------------------------------------------------------------------
-    def _snapshot(self) -> list[torch.Tensor]:
-        return [p.detach().clone() for p in self.adapter.blocks.parameters()]
-
-    def _restore(self, snapshot: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, saved in zip(self.adapter.blocks.parameters(), snapshot):
-                p.copy_(saved)
-
+    # ---- export, summary --------------------------------------------------------------------------------
     def _save(self) -> None:
         path = self.config.save_model
         try:
