@@ -47,8 +47,15 @@ def _load_dataset(*args, **kwargs):
     return datasets.load_dataset(*args, **kwargs)
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 def read_text_file(source: str, field: str) -> str:
+    """The text of ``file:PATH``; a relative PATH not found from the working folder is tried from the project
+    root, so presets can name the texts shipped in assets/."""
     path = Path(source[len("file:"):]).expanduser()
+    if not path.is_absolute() and not path.is_file() and (PROJECT_ROOT / path).is_file():
+        path = PROJECT_ROOT / path
     if not path.is_file():
         raise DataError(f"{field}: file {str(path)!r} does not exist; check the path after 'file:'")
     try:

@@ -64,7 +64,8 @@ class BlockFinished:
     """A block is done: its masks are final and its output is propagated.
 
     ``initial_loss`` / ``final_loss`` are the reconstruction MSE over the whole calibration set before and
-    after EBFT (None for a prune-only pass); ``sparsity`` is measured over the block's pruned linears.
+    after EBFT (None for a prune-only pass); ``sparsity`` is measured over the block's pruned linears and
+    ``layers`` per projection.
     """
 
     label: str
@@ -74,6 +75,7 @@ class BlockFinished:
     final_loss: float | None
     seconds: float
     sparsity: float
+    layers: dict[str, float] | None = None  # measured sparsity of each projection (q_proj ... down_proj)
     kind: str = "block_finished"
 
 

@@ -35,6 +35,33 @@ LINEAR_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_p
 INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 
 
+TINY_NAME = "tiny-random"  # a 4-block random LLaMA built in-process: instant, for classrooms and tests
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with 256 byte tokens plus <eos>: no download, any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where the weights come from: ``path`` for from_pretrained, ``gguf_file`` when it is a GGUF."""
@@ -50,6 +77,8 @@ class ModelSource:
 
 def resolve_source(spec: str) -> ModelSource:
     """Map the user's model string to a loadable source (no weights are read here)."""
+    if spec == TINY_NAME:
+        return ModelSource(spec, TINY_NAME)
     if spec == EMBEDDED_NAME:
         found = importlib.util.find_spec(EMBEDDED_PACKAGE)
         if found is not None and found.submodule_search_locations:
@@ -80,6 +109,8 @@ def load_config(source: ModelSource):
     """Read the model's config only (cheap) and check its architecture is one we support."""
     from transformers import AutoConfig
 
+    if source.path == TINY_NAME:
+        return tiny_config()
     try:
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, **_kwargs(source))
     except Exception as e:  # hub unreachable, no such repo, malformed folder: one message for the user
@@ -110,6 +141,10 @@ def load_model(source: ModelSource, dtype: torch.dtype):
     """Load model and tokenizer on the CPU in ``dtype`` with SDPA attention; never trust_remote_code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if source.path == TINY_NAME:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(), dtype=dtype)
+        return model.eval().requires_grad_(False), byte_tokenizer()
     kwargs = _kwargs(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, **kwargs)
@@ -206,11 +241,11 @@ class LlamaAdapter:
 
     def block_kwargs(self, seqlen: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
         """Keyword arguments every block call needs for sequences of ``seqlen`` tokens (causal, no padding)."""
-        position_ids = torch.arange(seqlen, device=device).unsqueeze(0)
-        rotary = self.model.model.rotary_emb.to(device)
-        probe = torch.zeros(1, seqlen, 1, device=device, dtype=dtype)
-        cos, sin = rotary(probe, position_ids)
-        return {"attention_mask": None, "position_ids": position_ids, "position_embeddings": (cos, sin)}
+        position_ids = torch.arange(seqlen).unsqueeze(0)
+        probe = torch.zeros(1, seqlen, 1, dtype=dtype)  # the rotary module reads only its dtype and device
+        cos, sin = self.model.model.rotary_emb(probe, position_ids)  # on the host, where the model lives
+        return {"attention_mask": None, "position_ids": position_ids.to(device),
+                "position_embeddings": (cos.to(device), sin.to(device))}
 
     @staticmethod
     def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

@@ -240,12 +240,13 @@ class _Run:
                                                       "block was restored to its pruned weights and the run goes on"))
             if needs_forward:
                 hidden, final = self._forward(block, call, hidden, targets=targets, keep=True)
+            layers = {name: float((l.weight == 0).float().mean()) for name, l in adapter.linears(block).items()}
             block_zeros, block_total = _count_zeros(adapter.linears(block))
             block.to("cpu")
             zeros, total = zeros + block_zeros, total + block_total
             done = BlockFinished(label=label, block=i, total=n_blocks, initial_loss=initial,
                                  final_loss=final if train else None, seconds=time.perf_counter() - t_block,
-                                 sparsity=block_zeros / block_total)
+                                 sparsity=block_zeros / block_total, layers=layers)
             if train:
                 self.blocks.append({"index": i, "initial_loss": initial, "final_loss": final,
                                     "seconds": done.seconds, "sparsity": done.sparsity})

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ebft_engine.models import byte_tokenizer  # noqa: F401  (tests import it from here)
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 WIKITEXT_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -15,28 +17,10 @@ CALIB_TEXT = ("The quick brown fox jumps over the lazy dog while the sun sets be
 EVAL_TEXT = ("Pack my box with five dozen liquor jugs, said the baker to the busy clerk at noon. " * 60)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads SmolLM2-135M (minutes on 2 CPU cores)")
-
-
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     if "EBFT_CACHE_DIR" not in os.environ:
         monkeypatch.setenv("EBFT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with 256 byte tokens plus <eos>: no download, any text round-trips."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
 @pytest.fixture

@@ -1,0 +1,278 @@
+"""The Gradio lab: setup panel, live run, results, history and a Learn tab. Layout and wiring only: the work
+is the engine's, the figures come from plots.py and tables.py, the rules from policy.py."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ebft_engine import ConfigError, EbftError, RunConfig, run
+from ebft_engine.config import PRUNE_METHODS
+from ebft_engine.events import BlockFinished, EvalFinished, RunFinished
+
+from . import plots, policy, tables
+from .state import RunView, Throttle
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS_DIR = ROOT / "assets" / "presets"
+TEACHING_DIR = ROOT / "assets" / "teaching"
+DEFAULT_PRESET = "smollm2-demo"
+GPU = "device"  # every event that touches the model shares this concurrency id: one job at a time
+
+HOW_TO_READ = {
+    "loss": "Each line is one block's reconstruction loss (mean squared error against the dense block) as EBFT "
+            "trains it; the diamond at step 0 is the loss right after pruning. The bright line is the block "
+            "training now. Lower is closer to the dense model; the y axis is logarithmic.",
+    "bars": "For every block, grey is the loss after pruning and orange after EBFT: the gap is what training "
+            "repaired. Late blocks carry larger activations, so their losses are larger.",
+    "ppl": "Perplexity on held-out text, the same windows for every model. The dense model is the floor; "
+           "compare each pruned model with it and EBFT with the method it started from.",
+    "heat": "The fraction of zero weights in each projection of each block, as measured after the run. Uniform "
+            "colour means every layer got the target sparsity exactly.",
+}
+
+_cancel: dict[str, threading.Event] = {}  # session -> its Stop flag (never the model: that stays in the engine)
+_lock = threading.Lock()
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> RunConfig:
+    return RunConfig.from_yaml(PRESETS_DIR / f"{name}.yaml")
+
+
+# ---- controls <-> config -------------------------------------------------------------------------------------
+CONTROL_FIELDS = ["model", "prune.method", "prune.pattern", "prune.sparsity", "calib.source", "calib.nsamples",
+                  "calib.seqlen", "ebft.epochs", "ebft.lr", "ebft.batch_size", "eval.source", "eval.seqlen",
+                  "eval.windows", "baselines", "seed", "save_model"]
+
+
+def config_to_values(config: RunConfig) -> list[Any]:
+    d = config.to_dict()
+    values = []
+    for name in CONTROL_FIELDS:
+        node: Any = d
+        for part in name.split("."):
+            node = node[part]
+        values.append(node)
+    windows_at = CONTROL_FIELDS.index("eval.windows")
+    values[windows_at] = values[windows_at] or 0
+    seqlen_at = CONTROL_FIELDS.index("eval.seqlen")
+    values[seqlen_at] = values[seqlen_at] or 0
+    values[CONTROL_FIELDS.index("save_model")] = values[CONTROL_FIELDS.index("save_model")] or ""
+    return values
+
+
+def values_to_config(values: list[Any], base: RunConfig | None = None) -> RunConfig:
+    """Build the run config from the controls; raises ConfigError with the engine's own words."""
+    fields = dict(zip(CONTROL_FIELDS, values))
+    fields["eval.windows"] = _whole(fields["eval.windows"]) or None
+    fields["eval.seqlen"] = _whole(fields["eval.seqlen"]) or None
+    for name in ("calib.nsamples", "calib.seqlen", "ebft.epochs", "ebft.batch_size", "seed"):
+        fields[name] = _whole(fields[name])
+    if fields["prune.pattern"] != "unstructured":
+        fields["prune.sparsity"] = None  # N:M fixes the sparsity
+    fields["baselines"] = list(fields["baselines"] or [])
+    fields["save_model"] = (fields["save_model"] or "").strip() or None
+    base = base or RunConfig()
+    return policy.check(base.with_overrides({**fields, "runs_dir": policy.runs_dir()}))
+
+
+def _whole(value):
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# ---- the run handler -----------------------------------------------------------------------------------------
+def outputs_for(view: RunView) -> tuple:
+    status = f"**{view.status}** — {view.progress}" if view.status == "running" else f"**{view.status}**"
+    if view.errors:
+        status += "\n\n" + "\n\n".join(f"⚠️ {e}" for e in view.errors)
+    notices = "\n".join(f"- *{level}*: {text}" for level, text in view.notices[-12:])
+    proto = tables.protocol(view)
+    return (status, plots.loss_curves(view), plots.loss_bars(view), tables.ppl_table(view),
+            f"Protocol: {proto}" if proto else "", plots.ppl_bars(view), plots.sparsity_heatmap(view), notices)
+
+
+def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
+              eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, request: gr.Request):
+    """Generator behind Run: streams a few updates a second while the engine works, and the final state.
+
+    The parameters follow CONTROL_FIELDS; ``request`` identifies the browser session, so Stop stops only it.
+    """
+    values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size, eval_source,
+              eval_seqlen, eval_windows, baselines, seed, save_model]
+    session = getattr(request, "session_hash", None) or "local"
+    view = RunView()
+    try:
+        config = values_to_config(values)
+    except EbftError as e:
+        view.status = "failed"
+        view.notices.append(("error", str(e)))
+        yield (*outputs_for(view), None)
+        return
+    cancel = threading.Event()
+    with _lock:
+        _cancel[session] = cancel
+    throttle = Throttle(0.4)
+    try:
+        for event in run(config, cancel):
+            view.apply(event)
+            force = isinstance(event, (BlockFinished, EvalFinished, RunFinished))
+            if throttle.ready(force):
+                yield (*outputs_for(view), None)
+    except EbftError as e:  # refused before it started (e.g. the runs folder is not writable)
+        view.status = "failed"
+        view.notices.append(("error", str(e)))
+    finally:
+        with _lock:
+            if _cancel.get(session) is cancel:
+                del _cancel[session]
+    yield (*outputs_for(view), _archive(view.run_dir))
+
+
+def stop_run(request: gr.Request) -> str:
+    session = getattr(request, "session_hash", None) or "local"
+    with _lock:
+        flag = _cancel.get(session)
+    if flag is None:
+        return "Nothing is running."
+    flag.set()
+    return "Stopping after the current step…"
+
+
+def _archive(run_dir: str) -> str | None:
+    """The run folder as a zip for download."""
+    if not run_dir or not Path(run_dir).is_dir():
+        return None
+    target = Path(tempfile.mkdtemp(prefix="ebft-run-")) / Path(run_dir).name
+    return shutil.make_archive(str(target), "zip", run_dir)
+
+
+def export_yaml(*values) -> tuple[str | None, str]:
+    try:
+        config = values_to_config(list(values))
+    except EbftError as e:
+        return None, f"⚠️ {e}"
+    path = Path(tempfile.mkdtemp(prefix="ebft-config-")) / "ebft-config.yaml"
+    data = config.to_dict()
+    data.pop("runs_dir", None)
+    import yaml
+
+    path.write_text("# python -m ebft_engine run --config ebft-config.yaml\n" + yaml.safe_dump(data, sort_keys=False))
+    return str(path), "Reproduce it with `python -m ebft_engine run --config ebft-config.yaml`."
+
+
+# ---- history -------------------------------------------------------------------------------------------------
+def refresh_history():
+    table = tables.list_runs(policy.runs_dir())
+    return table, gr.update(choices=list(table["run"]), value=[])
+
+
+def compare_runs(selected: list[str]):
+    if not selected:
+        return plots.compare_curves({}), tables.compare_table({})
+    views = {name: tables.load_view(Path(policy.runs_dir()) / name) for name in selected}
+    return plots.compare_curves(views), tables.compare_table(views)
+
+
+# ---- layout --------------------------------------------------------------------------------------------------
+def build_app() -> gr.Blocks:
+    spaces = policy.on_spaces()
+    defaults = config_to_values(load_preset(DEFAULT_PRESET))
+    with gr.Blocks(title="EBFT Lab") as demo:
+        gr.Markdown("# EBFT Lab\nPrune a language model, then win its accuracy back with block-wise "
+                    "reconstruction fine-tuning (EBFT). Pick a preset, press **Run**, and watch every block learn.")
+        with gr.Tab("Lab"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=320):
+                    preset = gr.Dropdown(preset_names(), value=DEFAULT_PRESET, label="Preset")
+                    controls = _setup_panel(defaults, spaces)
+                    with gr.Row():
+                        run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
+                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                    export_btn = gr.Button("Download config as YAML")
+                    yaml_file = gr.File(label="config", interactive=False)
+                    yaml_note = gr.Markdown()
+                with gr.Column(scale=2):
+                    status = gr.Markdown("**idle**", elem_id="status")
+                    loss_plot = gr.Plot(label="loss", elem_id="loss-plot")
+                    gr.Markdown(HOW_TO_READ["loss"])
+                    bars_plot = gr.Plot(label="per block", elem_id="bars-plot")
+                    gr.Markdown(HOW_TO_READ["bars"])
+                    ppl_df = gr.Dataframe(headers=tables.PPL_COLUMNS, label="Perplexity", interactive=False,
+                                          elem_id="ppl-table")
+                    proto_md = gr.Markdown()
+                    ppl_plot = gr.Plot(label="perplexity", elem_id="ppl-plot")
+                    gr.Markdown(HOW_TO_READ["ppl"])
+                    heat_plot = gr.Plot(label="sparsity", elem_id="heat-plot")
+                    gr.Markdown(HOW_TO_READ["heat"])
+                    notices = gr.Markdown()
+                    record = gr.File(label="run record (zip)", interactive=False)
+        with gr.Tab("History"):
+            refresh_btn = gr.Button("Refresh")
+            runs_df = gr.Dataframe(label="Runs", interactive=False)
+            chosen = gr.CheckboxGroup([], label="Compare runs")
+            compare_btn = gr.Button("Compare")
+            compare_plot = gr.Plot(label="compared")
+            compare_df = gr.Dataframe(label="Perplexities compared", interactive=False)
+        with gr.Tab("Learn"):
+            for page in sorted(TEACHING_DIR.glob("*.md")):
+                with gr.Accordion(page.stem.split("-", 1)[-1].replace("-", " ").capitalize(), open=False):
+                    gr.Markdown(page.read_text(encoding="utf-8"))
+
+        outputs = [status, loss_plot, bars_plot, ppl_df, proto_md, ppl_plot, heat_plot, notices, record]
+        preset.change(lambda name: config_to_values(load_preset(name)), preset, controls)
+        run_btn.click(start_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="run",
+                      show_progress="hidden")
+        stop_btn.click(stop_run, None, notices, queue=False, api_name="stop")
+        export_btn.click(export_yaml, controls, [yaml_file, yaml_note], api_name="export_yaml")
+        refresh_btn.click(refresh_history, None, [runs_df, chosen], api_name="history")
+        compare_btn.click(compare_runs, chosen, [compare_plot, compare_df], api_name="compare")
+        demo.load(refresh_history, None, [runs_df, chosen])
+    demo.queue(default_concurrency_limit=1, max_size=32)
+    return demo
+
+
+def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Component]:
+    v = dict(zip(CONTROL_FIELDS, defaults))
+    models = list(policy.PRESET_MODELS)
+    model = gr.Dropdown(models, value=v["model"], allow_custom_value=True, label="Model",
+                        info="a preset, or a hub id" + ("" if spaces else ", local folder or .gguf file"))
+    with gr.Accordion("Pruning", open=True):
+        method = gr.Dropdown(list(PRUNE_METHODS), value=v["prune.method"], label="Method (EBFT starts from it)")
+        pattern = gr.Dropdown(["unstructured", "2:4", "4:8"], value=v["prune.pattern"], label="Pattern")
+        sparsity = gr.Slider(0.0, 0.95, value=v["prune.sparsity"], step=0.05, label="Sparsity (unstructured)")
+        baselines = gr.CheckboxGroup(list(PRUNE_METHODS), value=v["baselines"], label="Baselines to compare")
+    with gr.Accordion("Calibration", open=False):
+        calib = gr.Dropdown(["self", "c4", "wikitext2"], value=v["calib.source"], allow_custom_value=not spaces,
+                            label="Source", info="self: text the model writes itself" +
+                            ("" if spaces else "; or file:PATH"))
+        nsamples = gr.Number(v["calib.nsamples"], precision=0, label="Samples")
+        seqlen = gr.Number(v["calib.seqlen"], precision=0, label="Tokens per sample")
+    with gr.Accordion("EBFT", open=False, elem_id="acc-ebft"):
+        epochs = gr.Number(v["ebft.epochs"], precision=0, label="Epochs per block")
+        lr = gr.Number(v["ebft.lr"], label="Learning rate")
+        batch = gr.Number(v["ebft.batch_size"], precision=0, label="Batch size")
+    with gr.Accordion("Evaluation", open=False):
+        eval_source = gr.Dropdown(["wikitext2", "c4", "ptb"], value=v["eval.source"], allow_custom_value=not spaces,
+                                  label="Source")
+        eval_seqlen = gr.Number(v["eval.seqlen"], precision=0, label="Window (tokens; 0 = model context)")
+        eval_windows = gr.Number(v["eval.windows"], precision=0, label="Windows (0 = all)")
+    with gr.Accordion("Run", open=False):
+        seed = gr.Number(v["seed"], precision=0, label="Seed")
+        save = gr.Textbox(v["save_model"], label="Save the EBFT model to folder (optional)", visible=not spaces)
+    return [model, method, pattern, sparsity, calib, nsamples, seqlen, epochs, lr, batch, eval_source, eval_seqlen,
+            eval_windows, baselines, seed, save]
+
+
+def main() -> None:
+    build_app().launch(server_name="127.0.0.1" if not policy.on_spaces() else "0.0.0.0", server_port=7860,
+                       css_paths=[str(ROOT / "assets" / "style.css")])

@@ -1,0 +1,47 @@
+"""What the lab allows, on a workstation and on a Hugging Face Space (``SPACE_ID`` set)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ebft_engine import ConfigError, RunConfig
+
+PRESET_MODELS = ("smollm2-135m", "tiny-random")
+# Bounds on a Space (2 CPU cores, shared by every visitor): a run ends in minutes.
+SPACES_LIMITS = {"calib.nsamples": 64, "calib.seqlen": 512, "ebft.epochs": 4, "eval.windows": 16,
+                 "eval.seqlen": 1024}
+
+
+def on_spaces() -> bool:
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def runs_dir() -> str:
+    return os.environ.get("EBFT_RUNS_DIR", "runs")
+
+
+def check(config: RunConfig, spaces: bool | None = None) -> RunConfig:
+    """Return the config if this deployment allows it; raise ConfigError saying what to change otherwise."""
+    if not (on_spaces() if spaces is None else spaces):
+        return config
+    model = config.model
+    if model not in PRESET_MODELS and (model.startswith(("/", ".", "~")) or model.endswith(".gguf")
+                                       or Path(model).exists() or model.count("/") != 1):
+        raise ConfigError("model", f"{model!r} is a local path; this Space loads models only by hub id "
+                          "(org/name) or preset", f"pick {' or '.join(PRESET_MODELS)}, or a hub id")
+    for name in ("calib.source", "eval.source"):
+        section, field = name.split(".")
+        if getattr(getattr(config, section), field).startswith("file:"):
+            raise ConfigError(name, "local files cannot be read on this Space", "use self, c4, wikitext2 or ptb")
+    if config.save_model:
+        raise ConfigError("save_model", "this Space does not save models to disk", "run the lab locally to save")
+    for name, limit in SPACES_LIMITS.items():
+        section, field = name.split(".")
+        value = getattr(getattr(config, section), field)
+        if value is None and name == "eval.windows":
+            raise ConfigError(name, "a full evaluation is too long for this Space",
+                              f"evaluate at most {limit} windows")
+        if value is not None and value > limit:
+            raise ConfigError(name, f"{value} is above this Space's limit of {limit}",
+                              f"use at most {limit}, or run the lab locally")
+    return config

@@ -1,0 +1,115 @@
+"""What the page shows about a run, folded from the engine's events: a pure function of the event list."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from ebft_engine import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
+                         RunFinished, RunStarted, StepLoss)
+
+LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class RunView:
+    """Everything the plots and tables need; ``apply`` one event at a time, or ``fold`` a list."""
+
+    run_id: str = ""
+    run_dir: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    status: str = "idle"  # idle, running, finished, cancelled, failed
+    phase: str = ""
+    phase_label: str = ""
+    block: int | None = None
+    total_blocks: int = 0
+    train_label: str = ""  # the label whose steps are being plotted (ebft)
+    steps: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # block -> [(step, loss)]
+    initial: dict[int, float] = field(default_factory=dict)
+    final: dict[int, float] = field(default_factory=dict)
+    ppl: dict[str, float] = field(default_factory=dict)
+    eval_info: dict[str, Any] = field(default_factory=dict)
+    sparsity: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # label -> block -> layer
+    notices: list[tuple[str, str]] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    block_seconds: list[float] = field(default_factory=list)  # of the current phase, for the time-left guess
+    summary: dict[str, Any] = field(default_factory=dict)
+    events: int = 0
+
+    def apply(self, event: Event) -> RunView:
+        self.events += 1
+        if isinstance(event, RunStarted):
+            self.run_id, self.run_dir, self.config, self.status = event.run_id, event.run_dir, event.config, "running"
+        elif isinstance(event, PhaseStarted):
+            self.phase, self.phase_label, self.block, self.block_seconds = event.phase, event.label, None, []
+        elif isinstance(event, PhaseFinished):
+            key = f"{event.phase}:{event.label}" if event.label else event.phase
+            self.phase_seconds[key] = event.seconds
+        elif isinstance(event, BlockStarted):
+            self.block, self.total_blocks = event.block, event.total
+        elif isinstance(event, StepLoss):
+            if event.label != self.train_label:
+                self.train_label, self.steps, self.initial, self.final = event.label, {}, {}, {}
+            self.steps.setdefault(event.block, []).append((event.step, event.loss))
+        elif isinstance(event, BlockFinished):
+            self.block_seconds.append(event.seconds)
+            if event.layers:
+                self.sparsity.setdefault(event.label, {})[event.block] = dict(event.layers)
+            if event.initial_loss is not None:
+                self.train_label = event.label
+                self.initial[event.block] = event.initial_loss
+                if event.final_loss is not None:
+                    self.final[event.block] = event.final_loss
+        elif isinstance(event, EvalFinished):
+            self.ppl[event.label] = event.ppl
+            self.eval_info = {"source": event.source, "seqlen": event.seqlen, "windows": event.windows,
+                              "tokens": event.tokens, "partial": event.partial}
+        elif isinstance(event, Notice):
+            self.notices.append((event.level, event.text))
+        elif isinstance(event, RunFinished):
+            self.status, self.summary = event.status, event.summary
+            self.eval_info = {**self.eval_info, **(event.summary.get("eval") or {})}
+        return self
+
+    # ---- derived -------------------------------------------------------------------------------------------
+    @property
+    def progress(self) -> str:
+        """One line: phase, block k of N, a time-left guess for the phase."""
+        if self.status != "running":
+            return self.status
+        text = f"{self.phase} {self.phase_label}".strip()
+        if self.block is not None and self.total_blocks:
+            text += f": block {self.block + 1} of {self.total_blocks}"
+            if self.block_seconds:
+                left = sum(self.block_seconds) / len(self.block_seconds) * (self.total_blocks - len(self.block_seconds))
+                text += f", about {_duration(left)} left in this phase"
+        return text
+
+    @property
+    def errors(self) -> list[str]:
+        return [text for level, text in self.notices if level == "error"]
+
+
+def fold(events: Iterable[Event]) -> RunView:
+    view = RunView()
+    for event in events:
+        view.apply(event)
+    return view
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class Throttle:
+    """Lets an update through at most every ``interval`` seconds, or when forced."""
+
+    def __init__(self, interval: float = 0.4):
+        self.interval, self.last = interval, 0.0
+
+    def ready(self, force: bool = False) -> bool:
+        now = time.monotonic()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            return True
+        return False

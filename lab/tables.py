@@ -1,0 +1,81 @@
+"""Tables as pandas DataFrames, pure functions of RunViews and run folders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from ebft_engine import read_events
+
+from .state import RunView, fold
+
+PPL_COLUMNS = ["model", "perplexity", "vs dense", "sparsity"]
+
+
+def protocol(view: RunView) -> str:
+    """The evaluation protocol in words: source, seqlen, windows, partial or full."""
+    info = view.eval_info
+    if not info:
+        return ""
+    total = info.get("total_windows")
+    windows = f"{info.get('windows')} of {total} windows" if total else f"{info.get('windows')} windows"
+    return (f"{info.get('description') or info.get('source')}, seqlen {info.get('seqlen')}, {windows} "
+            f"({'partial' if info.get('partial') else 'full'}), {info.get('tokens')} tokens")
+
+
+def ppl_table(view: RunView) -> pd.DataFrame:
+    dense = view.ppl.get("dense")
+    sparsity = (view.summary.get("actual_sparsity") or {}) if view.summary else {}
+    rows = []
+    for label, ppl in view.ppl.items():
+        s = sparsity.get(label)
+        if s is None and label in view.sparsity:
+            per = [v for layers in view.sparsity[label].values() for v in layers.values()]
+            s = sum(per) / len(per) if per else None
+        rows.append([label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×",
+                     "" if s is None else f"{s:.2%}"])
+    return pd.DataFrame(rows, columns=PPL_COLUMNS)
+
+
+def list_runs(runs_dir: str | Path) -> pd.DataFrame:
+    """Past runs, newest first: id, status, model, method, sparsity, and the perplexities they measured."""
+    rows = []
+    root = Path(runs_dir)
+    for folder in sorted(root.glob("*/"), reverse=True) if root.is_dir() else []:
+        config, summary = _read_json(folder / "config.json"), _read_json(folder / "summary.json")
+        if config is None:
+            continue
+        prune = config.get("prune", {})
+        status = (summary or {}).get("status", "interrupted")
+        ppl = (summary or {}).get("ppl", {})
+        rows.append([folder.name, status, config.get("model"), prune.get("method"), prune.get("pattern"),
+                     prune.get("sparsity"), _fmt(ppl.get("dense")), _fmt(ppl.get("ebft")),
+                     ", ".join(f"{k} {v:.2f}" for k, v in ppl.items() if k not in ("dense", "ebft"))])
+    return pd.DataFrame(rows, columns=["run", "status", "model", "method", "pattern", "sparsity", "dense", "ebft",
+                                       "baselines"])
+
+
+def load_view(run_dir: str | Path) -> RunView:
+    return fold(read_events(run_dir))
+
+
+def compare_table(views: dict[str, RunView]) -> pd.DataFrame:
+    labels = list(dict.fromkeys(label for view in views.values() for label in view.ppl))
+    rows = []
+    for name, view in views.items():
+        prune = view.config.get("prune", {})
+        rows.append([name, prune.get("method"), prune.get("pattern"), prune.get("sparsity")]
+                    + [_fmt(view.ppl.get(label)) for label in labels] + [protocol(view)])
+    return pd.DataFrame(rows, columns=["run", "method", "pattern", "sparsity"] + labels + ["protocol"])
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.3f}"

@@ -1,0 +1,76 @@
+"""The launched lab through gradio_client, on the tiny built-in model."""
+from __future__ import annotations
+
+import time
+
+from lab.app import CONTROL_FIELDS, config_to_values, load_preset
+
+
+def _values(**overrides):
+    values = config_to_values(load_preset("tiny-random"))
+    for name, value in overrides.items():
+        values[CONTROL_FIELDS.index(name)] = value
+    return values
+
+
+def _losses(plot_output) -> list[float]:
+    import json
+
+    fig = plot_output["plot"] if isinstance(plot_output, dict) and "plot" in plot_output else plot_output
+    fig = json.loads(fig) if isinstance(fig, str) else fig
+    return [y for trace in fig.get("data", []) if trace.get("mode") == "lines" for y in trace.get("y", [])]
+
+
+def test_run_streams_updates_and_fills_the_table(lab_url):
+    from gradio_client import Client
+
+    client = Client(lab_url, verbose=False)
+    job = client.submit(*_values(), api_name="/run")
+    outputs = list(job)
+    assert len(outputs) >= 5  # several intermediate updates arrived
+    status, loss_plot, _bars, table = outputs[-1][:4]
+    assert "finished" in status
+    assert [row[0] for row in table["data"]] == ["dense", "magnitude", "wanda", "ebft"]
+    # the loss fell: within the last finished block's curve, the final point is below the first
+    mid = [o for o in outputs if _losses(o[1])]
+    assert mid, "no loss curve was streamed"
+    losses = _losses(loss_plot)
+    assert min(losses) < max(losses)
+
+
+def test_bad_input_reaches_the_page_as_one_sentence(lab_url):
+    from gradio_client import Client
+
+    client = Client(lab_url, verbose=False)
+    result = client.predict(*_values(**{"calib.nsamples": 2, "ebft.batch_size": 4}), api_name="/run")
+    status = result[0]
+    assert "failed" in status and "ebft.batch_size: 4 is larger than calib.nsamples (2)" in status
+    assert "Traceback" not in status
+
+
+def test_stop_cancels_and_the_next_run_works(lab_url):
+    from gradio_client import Client
+
+    client = Client(lab_url, verbose=False)
+    job = client.submit(*_values(**{"ebft.epochs": 400}), api_name="/run")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(_losses(o[1]) for o in job.outputs()):
+        time.sleep(0.2)
+    assert any(_losses(o[1]) for o in job.outputs()), "training never started"
+    client.predict(api_name="/stop")
+    final = job.result(timeout=120)
+    assert "cancelled" in final[0]
+    assert [row[0] for row in final[3]["data"]][:1] == ["dense"]  # partial results stay
+    again = client.predict(*_values(), api_name="/run")
+    assert "finished" in again[0]
+
+
+def test_yaml_export_reproduces_the_config(lab_url, tmp_path):
+    from gradio_client import Client
+
+    from ebft_engine import RunConfig
+
+    client = Client(lab_url, verbose=False)
+    path, note = client.predict(*_values(**{"prune.sparsity": 0.7}), api_name="/export_yaml")
+    config = RunConfig.from_yaml(path)
+    assert config.prune.sparsity == 0.7 and config.model == "tiny-random" and "--config" in note

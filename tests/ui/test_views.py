@@ -1,0 +1,84 @@
+"""Plots and tables are pure functions of an event list: tested on hand-written events."""
+from __future__ import annotations
+
+from ebft_engine.events import (BlockFinished, BlockStarted, EvalFinished, Notice, PhaseStarted, RunFinished,
+                                RunStarted, StepLoss)
+from lab import plots, tables
+from lab.state import LAYERS, Throttle, fold
+
+LAYERS_HALF = {name: 0.5 for name in LAYERS}
+
+
+def _events(finished: bool = True):
+    ev = [RunStarted(run_id="r1", run_dir="/tmp/r1", config={"prune": {"method": "wanda", "sparsity": 0.5}}),
+          PhaseStarted("eval", "dense"),
+          EvalFinished("dense", 20.0, "wikitext2", 1024, 4, 4096, True, 1.0),
+          PhaseStarted("ebft", "ebft")]
+    for block, (start, end) in enumerate([(1.0, 0.5), (2.0, 1.2)]):
+        ev.append(BlockStarted("ebft", block, 3))
+        for step in range(1, 4):
+            ev.append(StepLoss("ebft", block, step, 3, start - (start - end) * step / 3, 1e-3))
+        ev.append(BlockFinished("ebft", block, 3, start, end, 2.0, 0.5, LAYERS_HALF))
+    ev.append(BlockStarted("ebft", 2, 3))
+    ev.append(StepLoss("ebft", 2, 1, 3, 4.0, 1e-3))
+    if finished:
+        ev += [EvalFinished("ebft", 30.0, "wikitext2", 1024, 4, 4096, True, 1.0),
+               Notice("info", "done"),
+               RunFinished("finished", {"actual_sparsity": {"ebft": 0.5}, "eval": {"total_windows": 10}})]
+    return ev
+
+
+def test_fold_tracks_progress_and_losses():
+    view = fold(_events(finished=False))
+    assert view.status == "running" and view.phase == "ebft"
+    assert view.progress.startswith("ebft ebft: block 3 of 3, about 2 s left")
+    assert view.initial == {0: 1.0, 1: 2.0} and view.final == {0: 0.5, 1: 1.2}
+    assert [s for s, _ in view.steps[1]] == [1, 2, 3]
+    assert view.ppl == {"dense": 20.0}
+
+
+def test_loss_curves_highlight_current_block_and_mark_initial_loss():
+    fig = plots.loss_curves(fold(_events(finished=False)))
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert [t.name for t in lines] == ["block 0", "block 1", "block 2"]
+    assert lines[2].line.width > lines[0].line.width and lines[0].opacity < 1  # live bright, finished faded
+    assert lines[0].y[0] == 1.0 and lines[0].x[0] == 0  # each finished block starts at its initial loss
+    markers = [t for t in fig.data if t.mode == "markers"][0]
+    assert list(markers.y) == [1.0, 2.0]
+    assert fig.layout.yaxis.type == "log" and fig.layout.uirevision == "keep"
+
+
+def test_bars_table_and_heatmap_after_the_run():
+    view = fold(_events())
+    bars = plots.loss_bars(view)
+    assert list(bars.data[0].y) == [1.0, 2.0] and list(bars.data[1].y) == [0.5, 1.2]
+    table = tables.ppl_table(view)
+    assert list(table["model"]) == ["dense", "ebft"]
+    assert list(table["vs dense"]) == ["", "1.50×"] and list(table["sparsity"]) == ["", "50.00%"]
+    assert tables.protocol(view) == "wikitext2, seqlen 1024, 4 of 10 windows (partial), 4096 tokens"
+    heat = plots.sparsity_heatmap(view)
+    assert list(heat.data[0].x) == list(LAYERS) and [list(r) for r in heat.data[0].z] == [[0.5] * 7] * 2
+    ppl = plots.ppl_bars(view)
+    assert list(ppl.data[0].x) == ["dense", "ebft"]
+    # once finished, no block is drawn as live
+    assert all(t.opacity < 1 for t in plots.loss_curves(view).data if t.mode == "lines")
+
+
+def test_compare_runs_overlays_each_run():
+    a, b = fold(_events()), fold(_events())
+    fig = plots.compare_curves({"a": a, "b": b})
+    assert [t.name for t in fig.data] == ["a after", "a before", "b after", "b before"]
+    table = tables.compare_table({"a": a, "b": b})
+    assert list(table.columns)[:4] == ["run", "method", "pattern", "sparsity"] and len(table) == 2
+
+
+def test_empty_view_renders():
+    view = fold([])
+    for make in (plots.loss_curves, plots.loss_bars, plots.ppl_bars, plots.sparsity_heatmap):
+        make(view)
+    assert tables.ppl_table(view).empty
+
+
+def test_throttle():
+    t = Throttle(interval=60)
+    assert t.ready() and not t.ready() and t.ready(force=True)
