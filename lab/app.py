@@ -20,7 +20,7 @@ from .state import RunView, Throttle
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS_DIR = ROOT / "assets" / "presets"
 TEACHING_DIR = ROOT / "assets" / "teaching"
-DEFAULT_PRESET = "smollm2-demo"
+DEFAULT_PRESET = "smollm2-spaces" if policy.on_spaces() else "smollm2-demo"
 GPU = "device"  # every event that touches the model shares this concurrency id: one job at a time
 
 HOW_TO_READ = {
@@ -118,6 +118,7 @@ def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, 
         view.notices.append(("error", str(e)))
         yield (*outputs_for(view), None)
         return
+    _close_paused_steppers()
     cancel = threading.Event()
     with _lock:
         _cancel[session] = cancel
@@ -142,10 +143,66 @@ def stop_run(request: gr.Request) -> str:
     session = getattr(request, "session_hash", None) or "local"
     with _lock:
         flag = _cancel.get(session)
+        stepper = _steppers.pop(session, None)
+    if stepper is not None:  # a paused step-mode run: close it, which records it as cancelled
+        stepper[0].close()
+        return "Step-by-step run stopped."
     if flag is None:
         return "Nothing is running."
     flag.set()
     return "Stopping after the current step…"
+
+
+# Step mode, for a classroom: each click runs until the next block is finished, then the engine's generator
+# waits, suspended, in this per-session registry until the next click (or Stop, or a new run).
+_steppers: dict[str, tuple[Any, RunView]] = {}
+
+
+def step_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
+             eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, request: gr.Request):
+    """Generator behind Step: the first click starts a run; every click advances it by one block."""
+    session = getattr(request, "session_hash", None) or "local"
+    with _lock:
+        stepper = _steppers.pop(session, None)
+    if stepper is None:
+        values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
+                  eval_source, eval_seqlen, eval_windows, baselines, seed, save_model]
+        view = RunView()
+        _close_paused_steppers()
+        try:
+            events = run(values_to_config(values))
+        except EbftError as e:
+            view.status = "failed"
+            view.notices.append(("error", str(e)))
+            yield (*outputs_for(view), None)
+            return
+    else:
+        events, view = stepper
+    throttle = Throttle(0.4)
+    for event in events:
+        view.apply(event)
+        if isinstance(event, BlockFinished):
+            with _lock:
+                _steppers[session] = (events, view)
+            view_note = f"block {event.block + 1} of {event.total} done ({event.label}); press Step for the next"
+            yield (*_with_status(outputs_for(view), view_note), None)
+            return
+        if throttle.ready(isinstance(event, EvalFinished)):
+            yield (*outputs_for(view), None)
+    yield (*outputs_for(view), _archive(view.run_dir))
+
+
+def _close_paused_steppers() -> None:
+    """A new run takes the one loaded model: paused step-by-step runs cannot go on, so they end as cancelled."""
+    with _lock:
+        paused = list(_steppers.values())
+        _steppers.clear()
+    for events, _view in paused:
+        events.close()
+
+
+def _with_status(outputs: tuple, note: str) -> tuple:
+    return (f"**paused** — {note}",) + tuple(outputs[1:])
 
 
 def _archive(run_dir: str) -> str | None:
@@ -197,7 +254,9 @@ def build_app() -> gr.Blocks:
                     controls = _setup_panel(defaults, spaces)
                     with gr.Row():
                         run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
+                        step_btn = gr.Button("Step", elem_id="step-btn")
                         stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                    gr.Markdown("**Step** runs one block per click (for a classroom); **Stop** ends either kind of run.")
                     export_btn = gr.Button("Download config as YAML")
                     yaml_file = gr.File(label="config", interactive=False)
                     yaml_note = gr.Markdown()
@@ -232,6 +291,8 @@ def build_app() -> gr.Blocks:
         preset.change(lambda name: config_to_values(load_preset(name)), preset, controls)
         run_btn.click(start_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="run",
                       show_progress="hidden")
+        step_btn.click(step_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="step",
+                       show_progress="hidden")
         stop_btn.click(stop_run, None, notices, queue=False, api_name="stop")
         export_btn.click(export_yaml, controls, [yaml_file, yaml_note], api_name="export_yaml")
         refresh_btn.click(refresh_history, None, [runs_df, chosen], api_name="history")

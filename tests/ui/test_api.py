@@ -74,3 +74,21 @@ def test_yaml_export_reproduces_the_config(lab_url, tmp_path):
     path, note = client.predict(*_values(**{"prune.sparsity": 0.7}), api_name="/export_yaml")
     config = RunConfig.from_yaml(path)
     assert config.prune.sparsity == 0.7 and config.model == "tiny-random" and "--config" in note
+
+
+def test_step_mode_runs_one_block_per_click(lab_url):
+    from gradio_client import Client
+
+    client = Client(lab_url, verbose=False)
+    values = _values(**{"baselines": [], "ebft.epochs": 2})
+    first = client.predict(*values, api_name="/step")
+    assert "paused" in first[0] and "block 1 of 4 done (ebft)" in first[0]
+    second = client.predict(*values, api_name="/step")
+    assert "block 2 of 4 done" in second[0]
+    for _ in range(2):
+        last = client.predict(*values, api_name="/step")
+    assert "block 4 of 4 done" in last[0]
+    final = client.predict(*values, api_name="/step")  # the last click evaluates and finishes
+    assert "finished" in final[0] and [r[0] for r in final[3]["data"]] == ["dense", "ebft"]
+    client.predict(*values, api_name="/step")  # a new stepped run starts
+    assert "stopped" in client.predict(api_name="/stop")

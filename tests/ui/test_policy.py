@@ -1,0 +1,41 @@
+"""On a Space the lab takes no local paths, no files, saves nothing and bounds every size."""
+from __future__ import annotations
+
+import pytest
+
+from ebft_engine import ConfigError, RunConfig
+from lab import policy
+from lab.app import config_to_values, load_preset, preset_names, values_to_config
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"model": "/models/llama"}, "model"),
+    ({"model": "./llama"}, "model"),
+    ({"model": "weights.gguf"}, "model"),
+    ({"calib.source": "file:/etc/passwd"}, "calib.source"),
+    ({"eval.source": "file:notes.txt"}, "eval.source"),
+    ({"save_model": "out"}, "save_model"),
+    ({"calib.nsamples": 1000}, "calib.nsamples"),
+    ({"ebft.epochs": 50}, "ebft.epochs"),
+    ({"eval.windows": None}, "eval.windows"),
+])
+def test_spaces_refuses(overrides, field):
+    config = load_preset("smollm2-spaces").with_overrides(overrides)
+    with pytest.raises(ConfigError) as info:
+        policy.check(config, spaces=True)
+    assert info.value.field == field
+
+
+def test_spaces_accepts_presets_and_hub_ids():
+    config = load_preset("smollm2-spaces")
+    assert policy.check(config, spaces=True) is config
+    policy.check(config.with_overrides({"model": "HuggingFaceTB/SmolLM2-360M"}), spaces=True)
+    local = load_preset("smollm2-demo").with_overrides({"save_model": "out"})
+    assert policy.check(local, spaces=False) is local  # a workstation allows it all
+
+
+def test_every_preset_round_trips_through_the_controls():
+    for name in preset_names():
+        config = load_preset(name)
+        again = values_to_config(config_to_values(config), base=config)
+        assert again.with_overrides({"runs_dir": config.runs_dir}) == config
