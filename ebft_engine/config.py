@@ -226,9 +226,11 @@ class RunConfig:
         data = self.to_dict()
         for key, value in overrides.items():
             node = data
-            *parents, leaf = key.split(".")
+            *parents, leaf = str(key).split(".")
             for p in parents:
-                node = node.setdefault(p, {})
+                node = node.get(p) if isinstance(node, dict) else None
+                if not isinstance(node, dict):
+                    raise ConfigError(str(key), "is not a known field", "use a name like prune.sparsity")
             node[leaf] = value
         return RunConfig.from_dict(data)
 

@@ -47,6 +47,15 @@ def load_preset(name: str) -> RunConfig:
     return RunConfig.from_yaml(PRESETS_DIR / f"{name}.yaml")
 
 
+def teaching_pages() -> list[tuple[str, str]]:
+    """(title, body) of each assets/teaching/*.md, in file-name order; the title is the page's '# ' line."""
+    pages = []
+    for page in sorted(TEACHING_DIR.glob("*.md")):
+        first, _, body = page.read_text(encoding="utf-8").partition("\n")
+        pages.append((first[2:].strip(), body) if first.startswith("# ") else (page.stem, first + "\n" + body))
+    return pages
+
+
 # ---- controls <-> config -------------------------------------------------------------------------------------
 CONTROL_FIELDS = ["model", "prune.method", "prune.pattern", "prune.sparsity", "calib.source", "calib.nsamples",
                   "calib.seqlen", "ebft.epochs", "ebft.lr", "ebft.batch_size", "eval.source", "eval.seqlen",
@@ -283,9 +292,10 @@ def build_app() -> gr.Blocks:
             compare_plot = gr.Plot(label="compared")
             compare_df = gr.Dataframe(label="Perplexities compared", interactive=False)
         with gr.Tab("Learn"):
-            for page in sorted(TEACHING_DIR.glob("*.md")):
-                with gr.Accordion(page.stem.split("-", 1)[-1].replace("-", " ").capitalize(), open=False):
-                    gr.Markdown(page.read_text(encoding="utf-8"))
+            gr.HTML((TEACHING_DIR / "ebft-figure.svg").read_text(encoding="utf-8"), elem_id="ebft-figure")
+            for title, text in teaching_pages():
+                with gr.Accordion(title, open=False):
+                    gr.Markdown(text)
 
         outputs = [status, loss_plot, bars_plot, ppl_df, proto_md, ppl_plot, heat_plot, notices, record]
         preset.change(lambda name: config_to_values(load_preset(name)), preset, controls)
