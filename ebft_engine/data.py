@@ -164,8 +164,7 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, prec
     """Sequences the dense model writes itself (Shin et al. §7, from LLM-QAT): a random first token, five
     greedy tokens, then sampling at temperature 1 to ``seqlen``. Cached on disk: generation is slow on a CPU.
     """
-    key = _self_cache_key(model, nsamples, seqlen, seed)
-    path = cache_dir() / "self-calib" / f"{key}.pt"
+    path = self_cache_path(model, nsamples, seqlen, seed)
     if path.is_file():
         try:
             ids = torch.load(path, weights_only=True)
@@ -182,6 +181,11 @@ def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, prec
     except OSError:
         log.warning("could not cache generated calibration data at %s", path)
     return ids
+
+
+def self_cache_path(model, nsamples: int, seqlen: int, seed: int) -> Path:
+    """Where the self-generated set for these settings is (or will be) cached."""
+    return cache_dir() / "self-calib" / f"{_self_cache_key(model, nsamples, seqlen, seed)}.pt"
 
 
 def _self_cache_key(model, nsamples: int, seqlen: int, seed: int) -> str:
