@@ -241,7 +241,16 @@ class _Run:
                     yield self.emit(Notice("warning", f"block {i}: the reconstruction loss became non-finite; the "
                                                       "block was restored to its pruned weights and the run goes on"))
             if needs_forward:
-                hidden, final = self._forward(block, call, hidden, targets=targets, keep=True)
+                outputs, final = self._forward(block, call, hidden, targets=targets, keep=True)
+                if train and final > initial:
+                    # Training raised the loss on its own data (too high a learning rate for this block):
+                    # keep the pruned weights, which reconstruct better, and say so.
+                    result.restore_pruned(block)
+                    yield self.emit(Notice("warning", f"block {i}: EBFT raised the reconstruction loss "
+                                                      f"({initial:.4g} -> {final:.4g}); kept the pruned weights. "
+                                                      "A lower learning rate may help"))
+                    outputs, final = self._forward(block, call, hidden, targets=targets, keep=True)
+                hidden = outputs
             layers = {name: float((l.weight == 0).float().mean()) for name, l in adapter.linears(block).items()}
             block_zeros, block_total = _count_zeros(adapter.linears(block))
             block.to("cpu")

@@ -132,3 +132,12 @@ def test_unwritable_runs_dir_is_refused_before_the_run(tiny_run_config, tmp_path
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="runs_dir"):
         next(run(tiny_run_config.with_overrides({"runs_dir": str(blocker / "runs")})))
+
+
+def test_a_block_that_training_made_worse_keeps_its_pruned_weights(tiny_run_config):
+    events = _collect(tiny_run_config.with_overrides({"ebft.lr": 0.5, "ebft.max_grad_norm": 1000.0}))
+    warned = [e for e in events if e.kind == "notice" and "raised the reconstruction loss" in e.text]
+    assert warned, "a learning rate of 0.5 should overshoot"
+    for e in events:
+        if isinstance(e, BlockFinished) and e.label == "ebft":
+            assert e.final_loss <= e.initial_loss * (1 + 1e-6)

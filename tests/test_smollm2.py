@@ -43,4 +43,4 @@ def test_ebft_beats_wanda_at_half_sparsity(tmp_path):
     assert finished.summary["actual_sparsity"]["ebft"] == pytest.approx(0.5, abs=1e-6)
     blocks = finished.summary["blocks"]
     assert len(blocks) == 30
-    assert sum(b["final_loss"] < b["initial_loss"] for b in blocks) >= 28
+    assert all(b["final_loss"] <= b["initial_loss"] * (1 + 1e-6) for b in blocks)  # never left worse

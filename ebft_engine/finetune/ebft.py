@@ -11,7 +11,7 @@ quirk we do not reproduce: REFERENCE.md §1.3).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -30,6 +30,13 @@ class TrainResult:
     initial_loss: float
     steps: int
     rolled_back: bool  # a non-finite loss restored the block to its pruned weights
+    pruned_state: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def restore_pruned(self, block: nn.Module) -> None:
+        """Put the block's pruned (untrained) weights back, e.g. when training raised the loss."""
+        with torch.no_grad():
+            for p, saved in zip(block.parameters(), self.pruned_state):
+                p.copy_(saved.to(p.dtype))
 
 
 def batch_mse(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targets: torch.Tensor,
@@ -108,7 +115,7 @@ def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targ
                 p.copy_(saved)
         for p, mask in masks.items():  # bake the mask in: pruned weights are exactly zero, whatever happened
             p.mul_(mask)
-    return TrainResult(initial_loss=initial, steps=step, rolled_back=rolled_back)
+    return TrainResult(initial_loss=initial, steps=step, rolled_back=rolled_back, pruned_state=pruned_state)
 
 
 def _adamw(params: list[nn.Parameter], cfg: EbftConfig, device: torch.device) -> torch.optim.Optimizer:
