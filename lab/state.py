@@ -77,7 +77,7 @@ class RunView:
         """One line: phase, block k of N, a time-left guess for the phase."""
         if self.status != "running":
             return self.status
-        text = f"{self.phase} {self.phase_label}".strip()
+        text = self.phase if self.phase_label in ("", self.phase) else f"{self.phase} {self.phase_label}"
         if self.block is not None and self.total_blocks:
             text += f": block {self.block + 1} of {self.total_blocks}"
             if self.block_seconds:
