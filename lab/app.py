@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import spaces
 
 from ebft_engine import ConfigError, EbftError, RunConfig, run
 from ebft_engine.config import PRUNE_METHODS
@@ -22,6 +23,7 @@ PRESETS_DIR = ROOT / "assets" / "presets"
 TEACHING_DIR = ROOT / "assets" / "teaching"
 DEFAULT_PRESET = "smollm2-spaces" if policy.on_spaces() else "smollm2-demo"
 GPU = "device"  # every event that touches the model shares this concurrency id: one job at a time
+ZERO_GPU_SECONDS = 300  # the longest run the Space's bounds allow (lab/policy.py), with room to spare
 
 HOW_TO_READ = {
     "loss": "Each line is one block's reconstruction loss (mean squared error against the dense block) as EBFT "
@@ -133,7 +135,7 @@ def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, 
         _cancel[session] = cancel
     throttle = Throttle(0.4)
     try:
-        for event in run(config, cancel):
+        for event in engine_events(config, None if policy.on_zero_gpu() else cancel):  # an Event cannot cross
             view.apply(event)
             force = isinstance(event, (BlockFinished, EvalFinished, RunFinished))
             if throttle.ready(force):
@@ -146,6 +148,16 @@ def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, 
             if _cancel.get(session) is cancel:
                 del _cancel[session]
     yield (*outputs_for(view), _archive(view.run_dir))
+
+
+@spaces.GPU(duration=ZERO_GPU_SECONDS)
+def engine_events(config: RunConfig, cancel: threading.Event | None = None):
+    """The whole GPU job (load, prune, EBFT, evaluate) as one generator of events.
+
+    On ZeroGPU a GPU exists only inside a call decorated with ``spaces.GPU``, run in a worker process: so the job
+    is one decorated generator that yields plain CPU-side events. Everywhere else the decorator does nothing.
+    """
+    yield from run(config, cancel)
 
 
 def stop_run(request: gr.Request) -> str:
@@ -299,11 +311,13 @@ def build_app() -> gr.Blocks:
 
         outputs = [status, loss_plot, bars_plot, ppl_df, proto_md, ppl_plot, heat_plot, notices, record]
         preset.change(lambda name: config_to_values(load_preset(name)), preset, controls)
-        run_btn.click(start_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="run",
+        run_evt = run_btn.click(start_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="run",
                       show_progress="hidden")
         step_btn.click(step_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="step",
                        show_progress="hidden")
-        stop_btn.click(stop_run, None, notices, queue=False, api_name="stop")
+        # On ZeroGPU the run lives in a worker process the Stop flag cannot reach: there Stop also cancels the event.
+        stop_btn.click(stop_run, None, notices, queue=False, api_name="stop",
+                       cancels=[run_evt] if policy.on_zero_gpu() else None)
         export_btn.click(export_yaml, controls, [yaml_file, yaml_note], api_name="export_yaml")
         refresh_btn.click(refresh_history, None, [runs_df, chosen], api_name="history")
         compare_btn.click(compare_runs, chosen, [compare_plot, compare_df], api_name="compare")

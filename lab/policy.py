@@ -16,6 +16,11 @@ def on_spaces() -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
+def on_zero_gpu() -> bool:
+    """A ZeroGPU Space: the GPU is attached only inside ``spaces.GPU`` calls, in a worker process."""
+    return on_spaces() and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "true")
+
+
 def runs_dir() -> str:
     return os.environ.get("EBFT_RUNS_DIR", "runs")
 

@@ -31,7 +31,7 @@ def _events(finished: bool = True):
 def test_fold_tracks_progress_and_losses():
     view = fold(_events(finished=False))
     assert view.status == "running" and view.phase == "ebft"
-    assert view.progress.startswith("ebft ebft: block 3 of 3, about 2 s left")
+    assert view.progress.startswith("ebft: block 3 of 3, about 2 s left")
     assert view.initial == {0: 1.0, 1: 2.0} and view.final == {0: 0.5, 1: 1.2}
     assert [s for s, _ in view.steps[1]] == [1, 2, 3]
     assert view.ppl == {"dense": 20.0}
