@@ -58,6 +58,12 @@ def teaching_pages() -> list[tuple[str, str]]:
     return pages
 
 
+def fill_from_preset(name: str, loaded: str) -> list[Any]:
+    if name == loaded or name not in preset_names():
+        return [gr.skip()] * len(CONTROL_FIELDS) + [loaded]
+    return config_to_values(load_preset(name)) + [name]
+
+
 # ---- controls <-> config -------------------------------------------------------------------------------------
 CONTROL_FIELDS = ["model", "prune.method", "prune.pattern", "prune.sparsity", "calib.source", "calib.nsamples",
                   "calib.seqlen", "ebft.epochs", "ebft.lr", "ebft.batch_size", "eval.source", "eval.seqlen",
@@ -310,7 +316,10 @@ def build_app() -> gr.Blocks:
                     gr.Markdown(text)
 
         outputs = [status, loss_plot, bars_plot, ppl_df, proto_md, ppl_plot, heat_plot, notices, record]
-        preset.change(lambda name: config_to_values(load_preset(name)), preset, controls)
+        # A dropdown can report the same choice again (on blur): refill the controls only when the preset changed,
+        # so edits made after choosing a preset are never silently undone.
+        loaded = gr.State(DEFAULT_PRESET)
+        preset.change(fill_from_preset, [preset, loaded], controls + [loaded])
         run_evt = run_btn.click(start_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="run",
                       show_progress="hidden")
         step_btn.click(step_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="step",

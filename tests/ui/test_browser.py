@@ -28,6 +28,7 @@ def _choose(page, label: str, value: str) -> None:
     box.click()
     box.fill(value)
     page.keyboard.press("Enter")
+    page.locator("h1").first.click()  # leave the dropdown
 
 
 def _traces(page) -> int:
@@ -60,13 +61,22 @@ def test_run_then_stop_in_a_real_browser(page, tmp_path_factory):
     # a second, long run: Stop must end it and the updates must cease
     page.click("#acc-ebft .label-wrap")
     epochs = page.get_by_label("Epochs per block")
-    epochs.fill("400")
+    epochs.wait_for(state="visible")
+    page.wait_for_timeout(1000)  # the accordion mounts its inputs as it opens
+    for _ in range(3):
+        epochs.fill("400")
+        epochs.press("Tab")  # commit the value (Gradio reads it on blur)
+        page.wait_for_timeout(500)
+        if epochs.input_value() == "400":
+            break
+    assert epochs.input_value() == "400"
     page.click("#run-btn")
+    page.wait_for_selector("#status :text('running')", timeout=60_000)
     page.wait_for_selector("#status :text('ebft')", timeout=120_000)
     page.wait_for_function("() => { const el = document.querySelector('#loss-plot .js-plotly-plot');"
                            " return el && el.data && el.data.length > 0; }", timeout=120_000)
     page.click("#stop-btn")
-    page.wait_for_selector("#status :text('cancelled')", timeout=60_000)
+    page.wait_for_selector("#status :text('cancelled')", timeout=120_000)
     settled = _points(page)
     time.sleep(3)
     assert _points(page) == settled, "updates went on after Stop"
