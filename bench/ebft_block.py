@@ -20,13 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peak import gemm_gflops  # noqa: E402
+from peak import gemm_gflops, load_smollm2  # noqa: E402
 
 from ebft_engine.config import EbftConfig  # noqa: E402
 from ebft_engine.data import calibration_tokens  # noqa: E402
-from ebft_engine.device import pick_precision  # noqa: E402
 from ebft_engine.finetune import finetune_block  # noqa: E402
-from ebft_engine.models import LlamaAdapter, count_params, load_config, load_model, resolve_source  # noqa: E402
 from ebft_engine.sparsity import StatsCollector, get_method  # noqa: E402
 
 
@@ -39,11 +37,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
 
-    source = resolve_source("smollm2-135m")
-    config = load_config(source)
-    precision = pick_precision(torch.device("cpu"), "auto", count_params(config))
-    model, tokenizer = load_model(source, precision.storage)
-    adapter = LlamaAdapter(model)
+    precision, model, tokenizer, adapter = load_smollm2()
     ids = calibration_tokens(tokenizer, "self", args.nsamples, args.seqlen, 0, model=model, precision=precision)
     kwargs = adapter.block_kwargs(args.seqlen, precision.device, precision.storage)
     call = lambda block, x: adapter.call_block(block, x, kwargs)  # noqa: E731

@@ -20,12 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peak import gemm_gflops  # noqa: E402
+from peak import gemm_gflops, load_smollm2  # noqa: E402
 
 from ebft_engine.data import evaluation_tokens  # noqa: E402
-from ebft_engine.device import pick_precision  # noqa: E402
 from ebft_engine.evaluate import perplexity  # noqa: E402
-from ebft_engine.models import LlamaAdapter, count_params, load_config, load_model, resolve_source  # noqa: E402
 
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
@@ -35,11 +33,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=1024)
     args = parser.parse_args()
-    source = resolve_source("smollm2-135m")
-    config = load_config(source)
-    precision = pick_precision(torch.device("cpu"), "auto", count_params(config))
-    model, tokenizer = load_model(source, precision.storage)
-    adapter = LlamaAdapter(model)
+    precision, model, tokenizer, adapter = load_smollm2()
+    config = model.config
     ids, _ = evaluation_tokens(tokenizer, f"file:{WIKITEXT}", args.seqlen)
     perplexity(adapter, ids, args.seqlen, precision, windows=1)  # warm-up
     start = time.perf_counter()

@@ -30,6 +30,17 @@ def gemm_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0, devi
     return best
 
 
+def load_smollm2():
+    """(precision, model, tokenizer, adapter) for SmolLM2-135M on the CPU, as the engine loads it."""
+    from ebft_engine.device import pick_precision
+    from ebft_engine.models import LlamaAdapter, count_params, load_config, load_model, resolve_source
+
+    source = resolve_source("smollm2-135m")
+    precision = pick_precision(torch.device("cpu"), "auto", count_params(load_config(source)))
+    model, tokenizer = load_model(source, precision.storage)
+    return precision, model, tokenizer, LlamaAdapter(model)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size", type=int, default=2048)

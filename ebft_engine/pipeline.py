@@ -26,7 +26,7 @@ from .errors import Cancelled, ConfigError, EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                      RunFinished, RunStarted)
 from .evaluate import perplexity
-from .finetune import batch_mse, finetune_block
+from .finetune import finetune_block
 from .models import LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
 from .record import RunRecord, new_run_id, write_json_atomic
 from .sparsity import StatsCollector, get_method

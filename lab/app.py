@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 import spaces
 
-from ebft_engine import ConfigError, EbftError, RunConfig, run
+from ebft_engine import EbftError, RunConfig, run
 from ebft_engine.config import PRUNE_METHODS
 from ebft_engine.events import BlockFinished, EvalFinished, RunFinished
 

@@ -6,10 +6,9 @@ import json
 import threading
 
 import pytest
-import torch
 
-from ebft_engine import RunConfig, read_events, run
-from ebft_engine.events import (BlockFinished, BlockStarted, EvalFinished, PhaseStarted, RunFinished, RunStarted,
+from ebft_engine import read_events, run
+from ebft_engine.events import (BlockFinished, BlockStarted, PhaseStarted, RunFinished, RunStarted,
                                 StepLoss)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ebft_engine import ConfigError, RunConfig
+from ebft_engine import ConfigError
 from lab import policy
 from lab.app import config_to_values, load_preset, preset_names, values_to_config
 
