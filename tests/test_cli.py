@@ -48,3 +48,29 @@ def test_missing_model_fails_with_message(tiny_run_config, tmp_path):
                  "--quiet"], out=out)
     assert code == 1
     assert "GGUF file" in out.getvalue() and "does not exist" in out.getvalue()
+
+
+def test_ctrl_c_cancels_and_keeps_the_partial_summary(tiny_run_config, tmp_path):
+    import os
+    import signal
+    import time
+
+    preset = tmp_path / "long.yaml"
+    preset.write_text(tiny_run_config.with_overrides({"ebft.epochs": 2000}).to_yaml())
+    proc = subprocess.Popen([sys.executable, "-m", "ebft_engine", "run", "--config", str(preset)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if line.startswith("== ebft"):
+            break
+    time.sleep(1.0)  # a few training steps
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, "".join(lines) + out
+    assert "status: cancelled" in out and "| dense |" in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "cancelled"

@@ -92,3 +92,36 @@ def test_step_mode_runs_one_block_per_click(lab_url):
     assert "finished" in final[0] and [r[0] for r in final[3]["data"]] == ["dense", "ebft"]
     client.predict(*values, api_name="/step")  # a new stepped run starts
     assert "stopped" in client.predict(api_name="/stop")
+
+
+def test_two_sessions_each_see_only_their_own_run_and_queue_for_the_device(lab_url):
+    from gradio_client import Client
+
+    alice, bob = Client(lab_url, verbose=False), Client(lab_url, verbose=False)
+    job_a = alice.submit(*_values(**{"prune.sparsity": 0.25, "baselines": []}), api_name="/run")
+    job_b = bob.submit(*_values(**{"prune.sparsity": 0.75, "baselines": []}), api_name="/run")
+    final_a, final_b = job_a.result(timeout=300), job_b.result(timeout=300)
+    assert "finished" in final_a[0] and "finished" in final_b[0]
+    sparsity_a = [row[3] for row in final_a[3]["data"] if row[0] == "ebft"]
+    sparsity_b = [row[3] for row in final_b[3]["data"] if row[0] == "ebft"]
+    assert sparsity_a == ["25.00%"] and sparsity_b == ["75.00%"]  # each got its own run's numbers
+    # one job at a time on the device: the two runs' folders do not overlap in time
+    import json
+    from pathlib import Path
+
+    from lab import policy
+
+    spans = []
+    for folder in Path(policy.runs_dir()).iterdir():
+        events = [json.loads(line) for line in (folder / "events.jsonl").read_text().splitlines()]
+        config = json.loads((folder / "config.json").read_text())
+        if config["prune"]["sparsity"] in (0.25, 0.75) and not config["baselines"]:
+            start = events[0]["time"]
+            spans.append((start, folder.stat().st_mtime, config["prune"]["sparsity"]))
+    spans.sort()
+    assert len(spans) == 2 and spans[0][1] <= spans[1][0] + 0.5
+    # Stop from one session does not touch the other's run
+    job_a = alice.submit(*_values(**{"ebft.epochs": 400, "baselines": []}), api_name="/run")
+    assert "Nothing is running" in bob.predict(api_name="/stop")
+    alice.predict(api_name="/stop")
+    assert "cancelled" in job_a.result(timeout=120)[0]
