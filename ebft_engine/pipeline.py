@@ -8,6 +8,7 @@ in memory and restored before each variant instead of being read from disk again
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -94,6 +95,7 @@ class _Run:
         self.precision: Precision | None = None
         self.finished_summary: dict[str, Any] | None = None
         record.write_config(config.to_dict())
+        record.write_summary(self._summary("running"))  # a crash leaves this: the folder says it never finished
 
     def emit(self, event: Event) -> Event:
         self.record.append(event)
@@ -196,6 +198,7 @@ class _Run:
         res = perplexity(self.adapter, self.eval_ids, self.eval_seqlen, self.precision,
                          windows=self.config.eval.windows, cancelled=self.cancelled)
         self.ppl[label] = res.ppl
+        self.record.write_summary(self._summary("running"))  # a finished number survives a crash
         done = self._phase_done("eval", label, t)
         yield self.emit(EvalFinished(label=label, ppl=res.ppl, source=self.config.eval.source, seqlen=res.seqlen,
                                      windows=res.windows, tokens=res.tokens, partial=res.partial,
@@ -321,15 +324,7 @@ class _Run:
         if self.finished_summary is not None:
             return self.finished_summary
         self.seconds["total"] = time.perf_counter() - self.started
-        p = self.precision
-        summary = {
-            "run_id": self.record.dir.name, "status": status, "model": self.config.model,
-            "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity), "blocks": list(self.blocks),
-            "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
-            "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
-                                                 "compute": _name(p.compute)},
-            "config": self.config.to_dict(),
-        }
+        summary = self._summary(status)
         self.record.write_summary(summary)
         if self.config.json_out:
             try:
@@ -338,6 +333,17 @@ class _Run:
                 log.error("could not write --json-out %s: %s", self.config.json_out, e)
         self.finished_summary = summary
         return summary
+
+    def _summary(self, status: str) -> dict[str, Any]:
+        p = self.precision
+        return {
+            "run_id": self.record.dir.name, "status": status, "model": self.config.model,
+            "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity), "blocks": list(self.blocks),
+            "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
+            "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
+                                                 "compute": _name(p.compute)},
+            "config": self.config.to_dict(), "pid": os.getpid(),
+        }
 
 
 def _emitting(gen, emit):

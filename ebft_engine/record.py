@@ -72,6 +72,30 @@ class RunRecord:
         self._events.close()
 
 
+def run_status(run_dir: str | Path) -> str:
+    """finished, cancelled, failed, running, or interrupted (a run that died without finishing its record)."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "interrupted"
+    status = summary.get("status", "interrupted")
+    if status == "running" and not _alive(summary.get("pid")):
+        return "interrupted"
+    return status
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def read_events(run_dir: str | Path) -> list[Event]:
     """All events of a run folder; a torn or unreadable line (a crash mid-write) is skipped."""
     events = []

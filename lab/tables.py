@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ebft_engine import read_events
+from ebft_engine.record import run_status
 
 from .state import RunView, fold
 
@@ -47,7 +48,7 @@ def list_runs(runs_dir: str | Path) -> pd.DataFrame:
         if config is None:
             continue
         prune = config.get("prune", {})
-        status = (summary or {}).get("status", "interrupted")
+        status = run_status(folder)
         ppl = (summary or {}).get("ppl", {})
         rows.append([folder.name, status, config.get("model"), prune.get("method"), prune.get("pattern"),
                      prune.get("sparsity"), _fmt(ppl.get("dense")), _fmt(ppl.get("ebft")),

@@ -74,3 +74,32 @@ def test_ctrl_c_cancels_and_keeps_the_partial_summary(tiny_run_config, tmp_path)
     assert "status: cancelled" in out and "| dense |" in out
     run_dir = next((tmp_path / "runs").iterdir())
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "cancelled"
+
+
+def test_a_killed_run_says_interrupted_and_keeps_its_finished_numbers(tiny_run_config, tmp_path):
+    import os
+    import signal
+    import time
+
+    from ebft_engine import read_events
+    from ebft_engine.record import run_status
+    from lab.tables import list_runs
+
+    preset = tmp_path / "long.yaml"
+    preset.write_text(tiny_run_config.with_overrides({"ebft.epochs": 2000}).to_yaml())
+    proc = subprocess.Popen([sys.executable, "-m", "ebft_engine", "run", "--config", str(preset)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and not proc.stdout.readline().startswith("== ebft"):
+        pass
+    run_dir = next((tmp_path / "runs").iterdir())
+    assert run_status(run_dir) == "running"  # alive: not mistaken for a crash
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert run_status(run_dir) == "interrupted"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "running" and "dense" in summary["ppl"]  # the dense number survived
+    assert read_events(run_dir)[0].kind == "run_started"
+    listed = list_runs(tmp_path / "runs")
+    assert list(listed["status"]) == ["interrupted"]

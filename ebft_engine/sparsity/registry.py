@@ -2,7 +2,7 @@
 optionally to updated weights (only SparseGPT updates weights). Adding a method is adding one file."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -21,6 +21,14 @@ class LayerStats:
 
     input_norms: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    _derived: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def derived(self, key: str, compute: Callable[[], object]):
+        """A value computed from these statistics once and shared by every layer that reads the same input
+        (q, k and v share one inverse Hessian factor)."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = PERCDAMP) ->
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
-                    update: bool = True, blocksize: int = BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+                    update: bool = True, blocksize: int = BLOCKSIZE,
+                    factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune one (out, in) weight matrix; return (keep-mask, new weights).
 
     Unstructured: each 128-column block removes its share so that the layer removes exactly
@@ -43,7 +44,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     """
     W = weight.detach().float().clone()
     rows, cols = W.shape
-    U, dead = inverse_hessian_factor(hessian)
+    U, dead = factor if factor is not None else inverse_hessian_factor(hessian)
     if update:
         W[:, dead] = 0
     if nm is not None:
@@ -86,11 +87,15 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 @register("sparsegpt", needs=("hessian",), description="OBS saliency with weight update")
 def sparsegpt(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm) -> MaskResult:
-    mask, new = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=True)
+    mask, new = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=True, factor=_factor(stats))
     return MaskResult(mask, new)
+
+
+def _factor(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
+    return stats.derived("sparsegpt-factor", lambda: inverse_hessian_factor(stats.hessian))
 
 
 @register("sparsegpt-mask", needs=("hessian",), description="SparseGPT saliency, original weights (EBFT's copy)")
 def sparsegpt_mask(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm) -> MaskResult:
-    mask, _ = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=False)
+    mask, _ = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=False, factor=_factor(stats))
     return MaskResult(mask)

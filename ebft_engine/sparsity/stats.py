@@ -22,6 +22,7 @@ class StatsCollector:
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.sequences = 0
+        self._stats: dict[str, LayerStats] = {}
 
     def _hook(self, group: str):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output) -> None:
@@ -55,8 +56,11 @@ class StatsCollector:
         self.sequences += sequences
 
     def layer_stats(self, name: str) -> LayerStats:
+        """The statistics of ``name``'s input; layers reading the same input get the same object."""
         group = next(g[0] for g in INPUT_GROUPS if name in g)
-        n = max(self.sequences, 1)
-        norms = self.sq_norms[group] / n if group in self.sq_norms else None
-        hessian = self.xtx[group] * (2.0 / n) if group in self.xtx else None
-        return LayerStats(input_norms=norms, hessian=hessian)
+        if group not in self._stats:
+            n = max(self.sequences, 1)
+            norms = self.sq_norms[group] / n if group in self.sq_norms else None
+            hessian = self.xtx[group] * (2.0 / n) if group in self.xtx else None
+            self._stats[group] = LayerStats(input_norms=norms, hessian=hessian)
+        return self._stats[group]
