@@ -77,8 +77,13 @@ def run_status(run_dir: str | Path) -> str:
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "interrupted"
-    status = summary.get("status", "interrupted")
+        summary = None
+    return status_of(summary)
+
+
+def status_of(summary: dict | None) -> str:
+    """The status a summary.json records, with a 'running' one whose process is gone read as interrupted."""
+    status = (summary or {}).get("status", "interrupted")
     if status == "running" and not _alive(summary.get("pid")):
         return "interrupted"
     return status

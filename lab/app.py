@@ -10,6 +10,7 @@ from typing import Any
 
 import gradio as gr
 import spaces
+import yaml
 
 from ebft_engine import EbftError, RunConfig, run
 from ebft_engine.config import PRUNE_METHODS
@@ -248,8 +249,6 @@ def export_yaml(*values) -> tuple[str | None, str]:
     path = Path(tempfile.mkdtemp(prefix="ebft-config-")) / "ebft-config.yaml"
     data = config.to_dict()
     data.pop("runs_dir", None)
-    import yaml
-
     path.write_text("# python -m ebft_engine run --config ebft-config.yaml\n" + yaml.safe_dump(data, sort_keys=False))
     return str(path), "Reproduce it with `python -m ebft_engine run --config ebft-config.yaml`."
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ebft_engine import read_events
-from ebft_engine.record import run_status
+from ebft_engine.record import status_of
 
 from .state import RunView, fold
 
@@ -48,7 +48,7 @@ def list_runs(runs_dir: str | Path) -> pd.DataFrame:
         if config is None:
             continue
         prune = config.get("prune", {})
-        status = run_status(folder)
+        status = status_of(summary)
         ppl = (summary or {}).get("ppl", {})
         rows.append([folder.name, status, config.get("model"), prune.get("method"), prune.get("pattern"),
                      prune.get("sparsity"), _fmt(ppl.get("dense")), _fmt(ppl.get("ebft")),

@@ -50,23 +50,30 @@ def test_missing_model_fails_with_message(tiny_run_config, tmp_path):
     assert "GGUF file" in out.getvalue() and "does not exist" in out.getvalue()
 
 
-def test_ctrl_c_cancels_and_keeps_the_partial_summary(tiny_run_config, tmp_path):
+def _start_long_run(config, tmp_path):
+    """A CLI subprocess on the tiny model with thousands of epochs, returned once EBFT has begun."""
     import os
-    import signal
     import time
 
     preset = tmp_path / "long.yaml"
-    preset.write_text(tiny_run_config.with_overrides({"ebft.epochs": 2000}).to_yaml())
+    preset.write_text(config.with_overrides({"ebft.epochs": 2000}).to_yaml())
     proc = subprocess.Popen([sys.executable, "-m", "ebft_engine", "run", "--config", str(preset)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
     deadline = time.time() + 120
     while time.time() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if line.startswith("== ebft"):
+        lines.append(proc.stdout.readline())
+        if lines[-1].startswith("== ebft"):
             break
+    return proc, lines
+
+
+def test_ctrl_c_cancels_and_keeps_the_partial_summary(tiny_run_config, tmp_path):
+    import signal
+    import time
+
+    proc, lines = _start_long_run(tiny_run_config, tmp_path)
     time.sleep(1.0)  # a few training steps
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
@@ -77,22 +84,13 @@ def test_ctrl_c_cancels_and_keeps_the_partial_summary(tiny_run_config, tmp_path)
 
 
 def test_a_killed_run_says_interrupted_and_keeps_its_finished_numbers(tiny_run_config, tmp_path):
-    import os
     import signal
-    import time
 
     from ebft_engine import read_events
     from ebft_engine.record import run_status
     from lab.tables import list_runs
 
-    preset = tmp_path / "long.yaml"
-    preset.write_text(tiny_run_config.with_overrides({"ebft.epochs": 2000}).to_yaml())
-    proc = subprocess.Popen([sys.executable, "-m", "ebft_engine", "run", "--config", str(preset)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.time() + 120
-    while time.time() < deadline and not proc.stdout.readline().startswith("== ebft"):
-        pass
+    proc, _ = _start_long_run(tiny_run_config, tmp_path)
     run_dir = next((tmp_path / "runs").iterdir())
     assert run_status(run_dir) == "running"  # alive: not mistaken for a crash
     proc.send_signal(signal.SIGKILL)
