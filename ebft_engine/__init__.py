@@ -7,6 +7,9 @@ Python API::
     for event in run(config):
         print(event)
     summary = event.summary  # the last event is RunFinished
+    # a run killed or stopped part way continues in its own folder, from its last finished block:
+    for event in resume("runs/20261128-101500-ab12cd"):
+        ...
 
 No UI code lives here: the CLI, the lab and the run folder all consume the same event stream.
 """
@@ -16,11 +19,11 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
                      RunFinished, RunStarted, StepLoss, event_from_dict, event_to_dict)
 from .evaluate import PerplexityResult, perplexity
 from .models import LlamaAdapter, load_model, resolve_source
-from .pipeline import run
+from .pipeline import resume, run
 from .record import read_events
 
 __all__ = ["BlockFinished", "BlockStarted", "CalibConfig", "Cancelled", "ConfigError", "DataError", "EbftConfig",
            "EbftError", "EvalConfig", "EvalFinished", "Event", "LlamaAdapter", "ModelLoadError", "Notice",
            "PerplexityResult", "PhaseFinished", "PhaseStarted", "PruneConfig", "RunConfig", "RunFinished",
            "RunStarted", "StepLoss", "event_from_dict", "event_to_dict", "load_model", "perplexity",
-           "read_events", "resolve_source", "run"]
+           "read_events", "resolve_source", "resume", "run"]

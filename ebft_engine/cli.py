@@ -14,7 +14,7 @@ from .config import DEVICES, DTYPES, PRUNE_METHODS, RunConfig
 from .errors import EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Notice, PhaseFinished, PhaseStarted, RunFinished,
                      RunStarted, StepLoss)
-from .pipeline import run
+from .pipeline import resume, run
 
 # flag -> dotted config field
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="YAML preset, e.g. assets/presets/smollm2-demo.yaml")
     for flag, (_field, _type, help_text) in FLAGS.items():
         r.add_argument(flag, help=help_text)  # parsed as text; the config layer converts and validates
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue a killed, cancelled or failed run in its folder, from its last finished block "
+                        "(with its own settings: no other run flags)")
     r.add_argument("--quiet", action="store_true", help="no progress bar; print the table only")
     return parser
 
@@ -68,6 +71,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = build_parser().parse_args(argv)
+    if args.resume:
+        given = [flag for flag in ["--config", *FLAGS] if getattr(args, flag[2:].replace("-", "_")) is not None]
+        if given:
+            print(f"error: --resume continues a run with the settings it was started with; drop {', '.join(given)}"
+                  " (or start a new run with them)", file=sys.stderr)
+            return 2
+        return run_and_print(None, quiet=args.quiet, out=out, resume_dir=args.resume)
     try:
         config = config_from_args(args)
     except EbftError as e:
@@ -76,16 +86,19 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     return run_and_print(config, quiet=args.quiet, out=out)
 
 
-def run_and_print(config: RunConfig, quiet: bool = False, out: TextIO = sys.stdout) -> int:
+def run_and_print(config: RunConfig | None, quiet: bool = False, out: TextIO = sys.stdout,
+                  resume_dir: str | None = None) -> int:
     cancel = threading.Event()
     printer = _Printer(out, quiet)
     finished = None
+    events = resume(resume_dir, cancel) if resume_dir else run(config, cancel)
     try:
-        events = run(config, cancel)
+        first = next(events)  # the engine refuses a bad run folder here, before any event
     except EbftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
+        printer.show(first)
         for event in events:
             printer.show(event)
             if isinstance(event, RunFinished):
@@ -118,7 +131,7 @@ class _Printer:
 
     def show(self, event) -> None:
         if isinstance(event, RunStarted):
-            self.say(f"run {event.run_id} -> {event.run_dir}")
+            self.say(f"{'resuming run' if event.resumed else 'run'} {event.run_id} -> {event.run_dir}")
         elif isinstance(event, Notice):
             self.say(f"[{event.level}] {event.text}")
         elif isinstance(event, PhaseStarted) and not self.quiet:

@@ -18,6 +18,7 @@ class RunStarted:
     run_dir: str
     config: dict[str, Any]
     time: float = field(default_factory=time.time)
+    resumed: bool = False  # True when ``resume`` continues an earlier run in the same folder
     kind: str = "run_started"
 
 

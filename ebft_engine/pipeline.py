@@ -7,6 +7,7 @@ in memory and restored before each variant instead of being read from disk again
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -29,7 +30,8 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
 from .evaluate import perplexity
 from .finetune import finetune_block
 from .models import LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
-from .record import RunRecord, new_run_id, write_json_atomic
+from .checkpoint import Checkpoints, mask_digest_update, new_digest
+from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
 from .sparsity import StatsCollector, get_method
 
 log = logging.getLogger(__name__)
@@ -52,21 +54,64 @@ def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None =
     Args:
         config: the validated run configuration.
         cancel: a threading.Event (or a callable returning True) that stops the run between steps; the
-            partial summary is still written, with status ``cancelled``.
+            partial summary is still written, with status ``cancelled``, and the run can be resumed.
 
     Raises:
         ConfigError: before any event, if the run folder cannot be written.
     """
     record = RunRecord(config.runs_dir, new_run_id())
-    state = _Run(config, record, _predicate(cancel))
+    yield from _drive(_Run(config, record, _predicate(cancel)), resumed=False)
+
+
+def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | None = None) -> Iterator[Event]:
+    """Continue a run that was killed, cancelled or failed, in its own folder, from its last finished block.
+
+    Finished perplexities are kept, blocks already checkpointed are restored instead of redone, and the run
+    ends with the same masks and perplexities as one that was never interrupted.
+
+    Raises:
+        ConfigError: before any event, if the folder is not a resumable run (finished, still running, or not a
+            run folder at all).
+    """
+    config, previous = resumable(run_dir)
+    record = RunRecord.reopen(run_dir)
+    yield from _drive(_Run(config, record, _predicate(cancel), previous=previous), resumed=True)
+
+
+def resumable(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any] | None]:
+    """(config, previous summary) of a run folder that can be resumed; else ConfigError saying why."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise ConfigError("resume", f"{str(run_dir)!r} is not a run folder (it has no config.json)",
+                          "pass a folder under your runs directory, e.g. runs/20261128-101500-ab12cd")
+    summary = read_summary(run_dir)
+    status = status_of(summary)
+    if status == "finished":
+        raise ConfigError("resume", f"run {run_dir.name} already finished", "start a new run instead")
+    if status == "running":
+        raise ConfigError("resume", f"run {run_dir.name} is still running (process {summary.get('pid')})",
+                          "stop it first (Ctrl-C or Stop), then resume")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError("resume", f"cannot read {config_file} ({e})", "the folder cannot be resumed; start a "
+                          "new run with the same settings") from None
+    return RunConfig.from_dict(data), summary
+
+
+def _drive(state: "_Run", resumed: bool) -> Iterator[Event]:
+    record = state.record
     status = "failed"
     try:
-        yield state.emit(RunStarted(run_id=record.dir.name, run_dir=str(record.dir), config=config.to_dict()))
+        yield state.emit(RunStarted(run_id=record.dir.name, run_dir=str(record.dir), config=state.config.to_dict(),
+                                    resumed=resumed))
         yield from state.execute()
         status = "finished"
     except (Cancelled, KeyboardInterrupt):
         status = "cancelled"
-        yield state.emit(Notice("warning", "run cancelled; the partial results are kept in " + str(record.dir)))
+        yield state.emit(Notice("warning", "run cancelled; the partial results are kept in " + str(record.dir) +
+                                f" (continue it with: python -m ebft_engine run --resume {record.dir})"))
     except GeneratorExit:  # the consumer stopped listening: record what we have, yield nothing more
         state.finish("cancelled")
         raise
@@ -83,13 +128,18 @@ def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None =
 class _Run:
     """State of one run; ``execute`` yields its events in order."""
 
-    def __init__(self, config: RunConfig, record: RunRecord, cancelled: Callable[[], bool]):
+    def __init__(self, config: RunConfig, record: RunRecord, cancelled: Callable[[], bool],
+                 previous: dict[str, Any] | None = None):
         self.config, self.record, self.cancelled = config, record, cancelled
+        self.checkpoints = Checkpoints(record.dir)
         self.started = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-        self.ppl: dict[str, float] = {}
-        self.sparsity: dict[str, float] = {}
-        self.blocks: list[dict[str, Any]] = []
+        prev = previous or {}
+        self.seconds: dict[str, float] = {k: float(v) for k, v in (prev.get("seconds") or {}).items()}
+        self.elapsed_before = self.seconds.pop("total", 0.0)  # time the run spent before it was resumed
+        self.ppl: dict[str, float] = dict(prev.get("ppl") or {})
+        self.sparsity: dict[str, float] = dict(prev.get("actual_sparsity") or {})
+        self.masks: dict[str, str] = dict(prev.get("mask_sha256") or {})
+        self.blocks: list[dict[str, Any]] = list(prev.get("blocks") or [])
         self.eval_info: dict[str, Any] = {}
         self.calib_info: dict[str, Any] = {}
         self.precision: Precision | None = None
@@ -107,19 +157,24 @@ class _Run:
         _seed_everything(cfg.seed)
         yield from self._load()
         yield from self._data()
-        yield from self._evaluate("dense")
+        if "dense" not in self.ppl:  # a resumed run keeps every number it had already measured
+            yield from self._evaluate("dense")
         variants = [(b, b, False) for b in cfg.baselines]
         if cfg.ebft.epochs > 0:
             variants.append(("ebft", cfg.prune.method, True))
         elif cfg.prune.method not in cfg.baselines:
             variants.append((cfg.prune.method, cfg.prune.method, False))
-        if self.dense is None and len(variants) > 1:
+        # Variants still to do; the last one again when the model is to be saved, restored from its checkpoint.
+        todo = [v for k, v in enumerate(variants)
+                if v[0] not in self.ppl or (cfg.save_model and k == len(variants) - 1)]
+        if self.dense is None and len(todo) > 1:
             self.dense = [p.detach().clone() for p in self.adapter.blocks.parameters()]
-        for k, (label, method, train) in enumerate(variants):
+        for k, (label, method, train) in enumerate(todo):
             if k > 0:
                 restore_blocks(self.model, self.dense)
             yield from self._block_loop(label, method, train)
-            yield from self._evaluate(label)
+            if label not in self.ppl:
+                yield from self._evaluate(label)
         self.dense = None
         if cfg.save_model:
             yield from self._timed("save", "", self._save)
@@ -222,7 +277,21 @@ class _Run:
             hidden = adapter.embed(self.calib_ids).to(p.storage) if needs_forward else None  # (n, seq, hidden)
         zeros = total = 0
         n_blocks = adapter.num_blocks
+        digest = new_digest()
+        start = self.checkpoints.done(label)
+        if train:  # the per-block table of the EBFT variant: keep the rows of the blocks being restored
+            self.blocks = [b for b in self.blocks if b.get("index", n_blocks) < start]
+        if start == 0:
+            self.checkpoints.start(label)
+        else:
+            hidden = yield from self._restore(label, start, call, hidden)
+            for block in list(adapter.blocks)[:start]:
+                mask_digest_update(digest, adapter.linears(block))
+                block_zeros, block_total = _count_zeros(adapter.linears(block))
+                zeros, total = zeros + block_zeros, total + block_total
         for i, block in enumerate(adapter.blocks):
+            if i < start:
+                continue
             if self.cancelled():
                 raise Cancelled()
             t_block = time.perf_counter()
@@ -256,7 +325,9 @@ class _Run:
                 hidden = outputs
             layers = {name: float((l.weight == 0).float().mean()) for name, l in adapter.linears(block).items()}
             block_zeros, block_total = _count_zeros(adapter.linears(block))
+            mask_digest_update(digest, adapter.linears(block))
             block.to("cpu")
+            self._checkpoint(label, i, block)
             zeros, total = zeros + block_zeros, total + block_total
             done = BlockFinished(label=label, block=i, total=n_blocks, initial_loss=initial,
                                  final_loss=final if train else None, seconds=time.perf_counter() - t_block,
@@ -264,9 +335,35 @@ class _Run:
             if train:
                 self.blocks.append({"index": i, "initial_loss": initial, "final_loss": final,
                                     "seconds": done.seconds, "sparsity": done.sparsity})
+                self.record.write_summary(self._summary("running"))  # the block's row survives a crash
             yield self.emit(done)
         self.sparsity[label] = zeros / total
+        self.masks[label] = digest.hexdigest()[:16]
         yield self.emit(self._phase_done(phase, label, t_phase))
+
+    def _restore(self, label: str, start: int, call, hidden: torch.Tensor | None):
+        """Put back the first ``start`` blocks of a resumed variant and recompute their calibration outputs."""
+        p, n_blocks = self.precision, self.adapter.num_blocks
+        redo = hidden is not None and start < n_blocks
+        yield self.emit(Notice("info", f"resuming {label}: blocks 0-{start - 1} restored from the checkpoint" +
+                                       ("; recomputing their outputs on the calibration set" if redo else "")))
+        for i, block in enumerate(list(self.adapter.blocks)[:start]):
+            if self.cancelled():
+                raise Cancelled()
+            self.checkpoints.load(label, i, block)
+            if redo:
+                block.to(p.device)
+                hidden, _ = self._forward(block, call, hidden, keep=True)
+                block.to("cpu")
+        return hidden
+
+    def _checkpoint(self, label: str, index: int, block: nn.Module) -> None:
+        try:
+            self.checkpoints.save(label, index, block)
+        except OSError as e:
+            raise EbftError(f"could not write the checkpoint of block {index} under {self.checkpoints.dir} "
+                            f"({e.strerror or e}); free some disk space, then continue the run with "
+                            f"python -m ebft_engine run --resume {self.record.dir}") from None
 
     def _train(self, block, call, hidden, targets, masks, label, index):
         gen = finetune_block(block, call, hidden, targets, masks, self.config.ebft, self.precision,
@@ -323,9 +420,10 @@ class _Run:
         """The summary (written to summary.json and --json-out); safe to call at any point of the run."""
         if self.finished_summary is not None:
             return self.finished_summary
-        self.seconds["total"] = time.perf_counter() - self.started
         summary = self._summary(status)
         self.record.write_summary(summary)
+        if status == "finished":
+            self.checkpoints.clear()  # nothing left to resume: give the disk back
         if self.config.json_out:
             try:
                 write_json_atomic(Path(self.config.json_out), summary)
@@ -336,9 +434,11 @@ class _Run:
 
     def _summary(self, status: str) -> dict[str, Any]:
         p = self.precision
+        self.seconds["total"] = self.elapsed_before + time.perf_counter() - self.started
         return {
             "run_id": self.record.dir.name, "status": status, "model": self.config.model,
-            "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity), "blocks": list(self.blocks),
+            "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity),
+            "mask_sha256": dict(self.masks), "blocks": list(self.blocks),
             "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
             "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
                                                  "compute": _name(p.compute)},

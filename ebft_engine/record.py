@@ -33,10 +33,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class RunRecord:
     """Writes one run's folder as its events pass by."""
 
-    def __init__(self, runs_dir: str | Path, run_id: str):
+    def __init__(self, runs_dir: str | Path, run_id: str, reopen: bool = False):
         self.dir = Path(runs_dir) / run_id
         try:
-            self.dir.mkdir(parents=True, exist_ok=False)
+            self.dir.mkdir(parents=True, exist_ok=reopen)
             probe = self.dir / ".write-test"
             probe.write_text("ok")
             probe.unlink()
@@ -44,7 +44,13 @@ class RunRecord:
             raise ConfigError("runs_dir", f"cannot write run records under {str(runs_dir)!r} ({e.strerror})",
                               "choose a writable folder with --runs-dir") from None
         self._events = open(self.dir / "events.jsonl", "a", encoding="utf-8")
-        self._blocks: list[dict[str, Any]] = []
+        self._blocks: list[dict[str, Any]] = _read_blocks(self.dir / "blocks.csv") if reopen else []
+
+    @classmethod
+    def reopen(cls, run_dir: str | Path) -> "RunRecord":
+        """The record of an earlier run, to continue: events are appended, blocks.csv extended."""
+        run_dir = Path(run_dir)
+        return cls(run_dir.parent, run_dir.name, reopen=True)
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json_atomic(self.dir / "config.json", config)
@@ -53,6 +59,8 @@ class RunRecord:
         self._events.write(json.dumps(event_to_dict(event), default=str) + "\n")
         self._events.flush()
         if isinstance(event, BlockFinished):
+            key = (event.label, str(event.block))  # a resumed run redoes the block it was killed in
+            self._blocks = [r for r in self._blocks if (r["label"], str(r["block"])) != key]
             self._blocks.append({k: getattr(event, k) for k in BLOCK_COLUMNS})
             self._write_blocks()
 
@@ -72,13 +80,25 @@ class RunRecord:
         self._events.close()
 
 
-def run_status(run_dir: str | Path) -> str:
-    """finished, cancelled, failed, running, or interrupted (a run that died without finishing its record)."""
+def _read_blocks(path: Path) -> list[dict[str, Any]]:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        summary = None
-    return status_of(summary)
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def run_status(run_dir: str | Path) -> str:
+    """finished, cancelled, failed, running, or interrupted (a run that died without finishing its record)."""
+    return status_of(read_summary(run_dir))
 
 
 def status_of(summary: dict | None) -> str:

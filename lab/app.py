@@ -12,7 +12,7 @@ import gradio as gr
 import spaces
 import yaml
 
-from ebft_engine import EbftError, RunConfig, run
+from ebft_engine import ConfigError, EbftError, RunConfig, resume, run
 from ebft_engine.config import PRUNE_METHODS
 from ebft_engine.events import BlockFinished, EvalFinished, RunFinished
 
@@ -137,12 +137,17 @@ def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, 
         yield (*outputs_for(view), None)
         return
     _close_paused_steppers()
+    yield from _stream(lambda cancel: engine_events(config, cancel), view, session)
+
+
+def _stream(start, view: RunView, session: str):
+    """Drive one engine run for a session: a few updates a second, then the final state with the record."""
     cancel = threading.Event()
     with _lock:
         _cancel[session] = cancel
     throttle = Throttle(0.4)
     try:
-        for event in engine_events(config, None if policy.on_zero_gpu() else cancel):  # an Event cannot cross
+        for event in start(None if policy.on_zero_gpu() else cancel):  # an Event cannot cross to a ZeroGPU worker
             view.apply(event)
             force = isinstance(event, (BlockFinished, EvalFinished, RunFinished))
             if throttle.ready(force):
@@ -157,6 +162,29 @@ def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, 
     yield (*outputs_for(view), _archive(view.run_dir))
 
 
+def resume_run(run_name: str | None, request: gr.Request):
+    """Generator behind History's Resume: continue an interrupted, cancelled or failed run from its last finished
+    block, showing its earlier curves and numbers first. Takes a run's name from the list, never a path."""
+    session = getattr(request, "session_hash", None) or "local"
+    try:
+        run_dir = _run_folder(run_name)
+        view = tables.load_view(run_dir)  # what the run showed before it stopped
+    except EbftError as e:
+        view = RunView(status="failed", notices=[("error", str(e))])
+        yield (*outputs_for(view), None)
+        return
+    view.status, view.summary = "running", {}
+    _close_paused_steppers()
+    yield from _stream(lambda cancel: engine_resume(str(run_dir), cancel), view, session)
+
+
+def _run_folder(run_name: str | None) -> Path:
+    names = set(tables.list_runs(policy.runs_dir())["run"])
+    if not run_name or run_name not in names:
+        raise ConfigError("resume", f"{run_name!r} is not a run in the history", "choose one from the list")
+    return Path(policy.runs_dir()) / run_name
+
+
 @spaces.GPU(duration=ZERO_GPU_SECONDS)
 def engine_events(config: RunConfig, cancel: threading.Event | None = None):
     """The whole GPU job (load, prune, EBFT, evaluate) as one generator of events.
@@ -165,6 +193,12 @@ def engine_events(config: RunConfig, cancel: threading.Event | None = None):
     is one decorated generator that yields plain CPU-side events. Everywhere else the decorator does nothing.
     """
     yield from run(config, cancel)
+
+
+@spaces.GPU(duration=ZERO_GPU_SECONDS)
+def engine_resume(run_dir: str, cancel: threading.Event | None = None):
+    """The GPU job of a resumed run (see engine_events)."""
+    yield from resume(run_dir, cancel)
 
 
 def stop_run(request: gr.Request) -> str:
@@ -256,7 +290,9 @@ def export_yaml(*values) -> tuple[str | None, str]:
 # ---- history -------------------------------------------------------------------------------------------------
 def refresh_history():
     table = tables.list_runs(policy.runs_dir())
-    return table, gr.update(choices=list(table["run"]), value=[])
+    stopped = list(table.loc[table["status"].isin(tables.RESUMABLE), "run"])
+    return (table, gr.update(choices=list(table["run"]), value=[]),
+            gr.update(choices=stopped, value=stopped[0] if stopped else None))
 
 
 def compare_runs(selected: list[str]):
@@ -273,46 +309,53 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title="EBFT Lab") as demo:
         gr.Markdown("# EBFT Lab\nPrune a language model, then win its accuracy back with block-wise "
                     "reconstruction fine-tuning (EBFT). Pick a preset, press **Run**, and watch every block learn.")
-        with gr.Tab("Lab"):
-            with gr.Row():
-                with gr.Column(scale=1, min_width=320):
-                    preset = gr.Dropdown(preset_names(), value=DEFAULT_PRESET, label="Preset")
-                    controls = _setup_panel(defaults, spaces)
-                    with gr.Row():
-                        run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
-                        step_btn = gr.Button("Step", elem_id="step-btn")
-                        stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
-                    gr.Markdown("**Step** runs one block per click (for a classroom); **Stop** ends either kind of run.")
-                    export_btn = gr.Button("Download config as YAML")
-                    yaml_file = gr.File(label="config", interactive=False)
-                    yaml_note = gr.Markdown()
-                with gr.Column(scale=2):
-                    status = gr.Markdown("**idle**", elem_id="status")
-                    loss_plot = gr.Plot(label="loss", elem_id="loss-plot")
-                    gr.Markdown(HOW_TO_READ["loss"])
-                    bars_plot = gr.Plot(label="per block", elem_id="bars-plot")
-                    gr.Markdown(HOW_TO_READ["bars"])
-                    ppl_df = gr.Dataframe(headers=tables.PPL_COLUMNS, label="Perplexity", interactive=False,
-                                          elem_id="ppl-table")
-                    proto_md = gr.Markdown()
-                    ppl_plot = gr.Plot(label="perplexity", elem_id="ppl-plot")
-                    gr.Markdown(HOW_TO_READ["ppl"])
-                    heat_plot = gr.Plot(label="sparsity", elem_id="heat-plot")
-                    gr.Markdown(HOW_TO_READ["heat"])
-                    notices = gr.Markdown()
-                    record = gr.File(label="run record (zip)", interactive=False)
-        with gr.Tab("History"):
-            refresh_btn = gr.Button("Refresh")
-            runs_df = gr.Dataframe(label="Runs", interactive=False)
-            chosen = gr.CheckboxGroup([], label="Compare runs")
-            compare_btn = gr.Button("Compare")
-            compare_plot = gr.Plot(label="compared")
-            compare_df = gr.Dataframe(label="Perplexities compared", interactive=False)
-        with gr.Tab("Learn"):
-            gr.HTML((TEACHING_DIR / "ebft-figure.svg").read_text(encoding="utf-8"), elem_id="ebft-figure")
-            for title, text in teaching_pages():
-                with gr.Accordion(title, open=False):
-                    gr.Markdown(text)
+        with gr.Tabs() as tabs:
+            with gr.Tab("Lab", id="lab"):
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=320):
+                        preset = gr.Dropdown(preset_names(), value=DEFAULT_PRESET, label="Preset")
+                        controls = _setup_panel(defaults, spaces)
+                        with gr.Row():
+                            run_btn = gr.Button("Run", variant="primary", elem_id="run-btn")
+                            step_btn = gr.Button("Step", elem_id="step-btn")
+                            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                        gr.Markdown("**Step** runs one block per click (for a classroom); **Stop** ends either kind of run.")
+                        export_btn = gr.Button("Download config as YAML")
+                        yaml_file = gr.File(label="config", interactive=False)
+                        yaml_note = gr.Markdown()
+                    with gr.Column(scale=2):
+                        status = gr.Markdown("**idle**", elem_id="status")
+                        loss_plot = gr.Plot(label="loss", elem_id="loss-plot")
+                        gr.Markdown(HOW_TO_READ["loss"])
+                        bars_plot = gr.Plot(label="per block", elem_id="bars-plot")
+                        gr.Markdown(HOW_TO_READ["bars"])
+                        ppl_df = gr.Dataframe(headers=tables.PPL_COLUMNS, label="Perplexity", interactive=False,
+                                              elem_id="ppl-table")
+                        proto_md = gr.Markdown()
+                        ppl_plot = gr.Plot(label="perplexity", elem_id="ppl-plot")
+                        gr.Markdown(HOW_TO_READ["ppl"])
+                        heat_plot = gr.Plot(label="sparsity", elem_id="heat-plot")
+                        gr.Markdown(HOW_TO_READ["heat"])
+                        notices = gr.Markdown()
+                        record = gr.File(label="run record (zip)", interactive=False)
+            with gr.Tab("History"):
+                refresh_btn = gr.Button("Refresh")
+                runs_df = gr.Dataframe(label="Runs", interactive=False)
+                chosen = gr.CheckboxGroup([], label="Compare runs")
+                compare_btn = gr.Button("Compare")
+                compare_plot = gr.Plot(label="compared")
+                compare_df = gr.Dataframe(label="Perplexities compared", interactive=False)
+                gr.Markdown("**Resume** a run that was interrupted (a crash, a closed machine), stopped or failed: "
+                            "it goes on from its last finished block, in the Lab tab, and ends as if it had never "
+                            "stopped.")
+                with gr.Row():
+                    to_resume = gr.Dropdown([], label="Stopped runs", elem_id="resume-choice", scale=3)
+                    resume_btn = gr.Button("Resume", elem_id="resume-btn", scale=1)
+            with gr.Tab("Learn"):
+                gr.HTML((TEACHING_DIR / "ebft-figure.svg").read_text(encoding="utf-8"), elem_id="ebft-figure")
+                for title, text in teaching_pages():
+                    with gr.Accordion(title, open=False):
+                        gr.Markdown(text)
 
         outputs = [status, loss_plot, bars_plot, ppl_df, proto_md, ppl_plot, heat_plot, notices, record]
         # A dropdown can report the same choice again (on blur): refill the controls only when the preset changed,
@@ -327,9 +370,13 @@ def build_app() -> gr.Blocks:
         stop_btn.click(stop_run, None, notices, queue=False, api_name="stop",
                        cancels=[run_evt] if policy.on_zero_gpu() else None)
         export_btn.click(export_yaml, controls, [yaml_file, yaml_note], api_name="export_yaml")
-        refresh_btn.click(refresh_history, None, [runs_df, chosen], api_name="history")
+        history = [runs_df, chosen, to_resume]
+        refresh_btn.click(refresh_history, None, history, api_name="history")
         compare_btn.click(compare_runs, chosen, [compare_plot, compare_df], api_name="compare")
-        demo.load(refresh_history, None, [runs_df, chosen])
+        resume_btn.click(lambda: gr.Tabs(selected="lab"), None, tabs, queue=False).then(
+            resume_run, to_resume, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="resume",
+            show_progress="hidden")
+        demo.load(refresh_history, None, history)
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
 

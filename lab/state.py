@@ -50,6 +50,8 @@ class RunView:
         elif isinstance(event, StepLoss):
             if event.label != self.train_label:
                 self.train_label, self.steps, self.initial, self.final = event.label, {}, {}, {}
+            if event.step == 1:  # a block trained again (a resumed run redoes the block it stopped in)
+                self.steps[event.block] = []
             self.steps.setdefault(event.block, []).append((event.step, event.loss))
         elif isinstance(event, BlockFinished):
             self.block_seconds.append(event.seconds)

@@ -39,6 +39,9 @@ def ppl_table(view: RunView) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=PPL_COLUMNS)
 
 
+RESUMABLE = ("interrupted", "cancelled", "failed")  # statuses the History tab offers to resume
+
+
 def list_runs(runs_dir: str | Path) -> pd.DataFrame:
     """Past runs, newest first: id, status, model, method, sparsity, and the perplexities they measured."""
     rows = []

@@ -125,3 +125,35 @@ def test_two_sessions_each_see_only_their_own_run_and_queue_for_the_device(lab_u
     assert "Nothing is running" in bob.predict(api_name="/stop")
     alice.predict(api_name="/stop")
     assert "cancelled" in job_a.result(timeout=120)[0]
+
+
+def test_a_stopped_run_is_offered_in_history_and_resumes_to_the_end(lab_url):
+    from gradio_client import Client
+
+    client = Client(lab_url, verbose=False)
+    job = client.submit(*_values(**{"ebft.epochs": 40, "baselines": ["wanda"]}), api_name="/run")
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(_losses(o[1]) for o in job.outputs()):
+        time.sleep(0.1)
+    client.predict(api_name="/stop")
+    assert "cancelled" in job.result(timeout=120)[0]
+    table, _chosen, offered = client.predict(api_name="/history")
+    stopped = table["data"][0][0]  # newest first
+    assert table["data"][0][1] == "cancelled" and offered["value"] == stopped
+    final = client.predict(stopped, api_name="/resume")
+    assert "finished" in final[0]
+    assert [row[0] for row in final[3]["data"]] == ["dense", "wanda", "ebft"]
+    assert _losses(final[1]), "the resumed run shows its loss curves"
+    table, _chosen, offered = client.predict(api_name="/history")
+    assert table["data"][0][:2] == [stopped, "finished"]
+    assert stopped not in [choice[0] for choice in offered["choices"]]
+    # a name that is not in the list (a path, say) is refused: by the dropdown, and by the handler behind it
+    import pytest
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict("../../etc", api_name="/resume")
+    from lab.app import resume_run
+
+    refused = list(resume_run("../../etc", None))[-1]
+    assert "failed" in refused[0] and "not a run in the history" in refused[0]
