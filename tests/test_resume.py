@@ -54,7 +54,7 @@ def _kill_at(config: RunConfig, tmp_path: Path, *point: str) -> Path:
     """Run in a subprocess that SIGKILLs itself at ``point``; return its run folder."""
     cfg_file = tmp_path / "config.json"
     cfg_file.write_text(json.dumps(config.to_dict()))
-    proc = subprocess.run([sys.executable, str(HERE / "_kill_after.py"), str(cfg_file), *point], cwd=ROOT,
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "kill_after.py"), str(cfg_file), *point], cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, f"not killed (rc {proc.returncode}): {proc.stderr[-2000:]}"
     (run_dir,) = Path(config.runs_dir).iterdir()

@@ -1,6 +1,7 @@
-"""Test helper: run the engine on a config and SIGKILL this process when a chosen event arrives.
+"""Fault injection for tests and benchmarks: run the engine on a config and SIGKILL this process when a
+chosen event arrives.
 
-    python tests/_kill_after.py CONFIG.json KIND LABEL BLOCK [STEP]
+    python scripts/kill_after.py CONFIG.json KIND LABEL BLOCK [STEP]
 
 KIND is an event kind (block_finished, step_loss, phase_started, ...); the process kills itself the moment the
 first event of that kind with that label (and block, and step, where given; -1 for any) has been recorded:
