@@ -35,6 +35,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--baselines": ("baselines", str, f"comma-separated pruned-only baselines, from {', '.join(PRUNE_METHODS)}"),
     "--device": ("device", str, f"{', '.join(DEVICES)} or cuda:N"),
     "--dtype": ("dtype", str, f"weights dtype: {', '.join(DTYPES)}"),
+    "--activations": ("activations", str, "where calibration activations live on a GPU: auto (the memory planner "
+                                          "decides), device, or host (pinned)"),
     "--seed": ("seed", int, "random seed"),
     "--runs-dir": ("runs_dir", str, "where run folders are written (default runs/)"),
     "--json-out": ("json_out", str, "also write the summary JSON here"),
@@ -72,12 +74,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = build_parser().parse_args(argv)
     if args.resume:
+        allowed = {"--batch-size", "--activations"}  # how the remaining blocks fit in memory (RESUME_OVERRIDES)
         given = [flag for flag in ["--config", *FLAGS] if getattr(args, flag[2:].replace("-", "_")) is not None]
-        if given:
-            print(f"error: --resume continues a run with the settings it was started with; drop {', '.join(given)}"
-                  " (or start a new run with them)", file=sys.stderr)
+        refused = [flag for flag in given if flag not in allowed]
+        if refused:
+            print(f"error: --resume continues a run with the settings it was started with; drop {', '.join(refused)}"
+                  " (or start a new run with them); only --batch-size and --activations may change", file=sys.stderr)
             return 2
-        return run_and_print(None, quiet=args.quiet, out=out, resume_dir=args.resume)
+        overrides = {FLAGS[flag][0]: getattr(args, flag[2:].replace("-", "_")) for flag in given}
+        return run_and_print(None, quiet=args.quiet, out=out, resume_dir=args.resume, overrides=overrides)
     try:
         config = config_from_args(args)
     except EbftError as e:
@@ -87,11 +92,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
 
 
 def run_and_print(config: RunConfig | None, quiet: bool = False, out: TextIO = sys.stdout,
-                  resume_dir: str | None = None) -> int:
+                  resume_dir: str | None = None, overrides: dict[str, Any] | None = None) -> int:
     cancel = threading.Event()
     printer = _Printer(out, quiet)
     finished = None
-    events = resume(resume_dir, cancel) if resume_dir else run(config, cancel)
+    events = resume(resume_dir, cancel, overrides) if resume_dir else run(config, cancel)
     try:
         first = next(events)  # the engine refuses a bad run folder here, before any event
     except EbftError as e:

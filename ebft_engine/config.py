@@ -23,6 +23,7 @@ CALIB_SOURCES = ("c4", "wikitext2", "self")
 EVAL_SOURCES = ("wikitext2", "c4", "ptb")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+ACTIVATIONS = ("auto", "device", "host")  # where calibration activations live on a GPU run
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -154,6 +155,7 @@ class RunConfig:
     baselines: tuple[str, ...] = ()
     device: str = "auto"
     dtype: str = "auto"
+    activations: str = "auto"
     seed: int = 0
     runs_dir: str = "runs"
     save_model: str | None = None
@@ -177,6 +179,9 @@ class RunConfig:
             raise ConfigError("device", f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
         if self.dtype not in DTYPES:
             raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        if self.activations not in ACTIVATIONS:
+            raise ConfigError("activations", f"unknown placement {self.activations!r}",
+                              "use auto (the planner decides), device or host")
         _check_int("seed", self.seed, 0, "use a non-negative integer seed")
         for name in ("runs_dir", "save_model", "json_out"):
             value = getattr(self, name)

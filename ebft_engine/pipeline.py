@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import threading
 import time
 import traceback
@@ -30,6 +31,7 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
 from .evaluate import perplexity
 from .finetune import finetune_block
 from .models import LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
+from .planner import GiB, MemoryPlan, capacities, plan_memory, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
 from .sparsity import StatsCollector, get_method
@@ -63,19 +65,37 @@ def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None =
     yield from _drive(_Run(config, record, _predicate(cancel)), resumed=False)
 
 
-def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | None = None) -> Iterator[Event]:
+# What a resumed run may change: how the remaining blocks fit in memory, not what they compute from.
+RESUME_OVERRIDES = ("ebft.batch_size", "activations")
+
+
+def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | None = None,
+           overrides: dict[str, Any] | None = None) -> Iterator[Event]:
     """Continue a run that was killed, cancelled or failed, in its own folder, from its last finished block.
 
     Finished perplexities are kept, blocks already checkpointed are restored instead of redone, and the run
     ends with the same masks and perplexities as one that was never interrupted.
 
+    Args:
+        overrides: after an out-of-memory failure, a smaller ``ebft.batch_size`` or ``activations: host`` for
+            the blocks still to do (RESUME_OVERRIDES); nothing else can change mid-run.
+
     Raises:
         ConfigError: before any event, if the folder is not a resumable run (finished, still running, or not a
-            run folder at all).
+            run folder at all), or an override is not allowed.
     """
     config, previous = resumable(run_dir)
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key in changes:
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(key, "cannot change when resuming (the finished blocks were computed with it)",
+                              f"resume with the run's own settings, changing at most {', '.join(RESUME_OVERRIDES)}")
+    if changes:
+        config = config.with_overrides(changes)
     record = RunRecord.reopen(run_dir)
-    yield from _drive(_Run(config, record, _predicate(cancel), previous=previous), resumed=True)
+    note = Notice("warning", "resumed with " + ", ".join(f"{k}={v}" for k, v in changes.items()) +
+                  " for the blocks still to do") if changes else None
+    yield from _drive(_Run(config, record, _predicate(cancel), previous=previous), resumed=True, note=note)
 
 
 def resumable(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any] | None]:
@@ -100,12 +120,14 @@ def resumable(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any] | None]:
     return RunConfig.from_dict(data), summary
 
 
-def _drive(state: "_Run", resumed: bool) -> Iterator[Event]:
+def _drive(state: "_Run", resumed: bool, note: Notice | None = None) -> Iterator[Event]:
     record = state.record
     status = "failed"
     try:
         yield state.emit(RunStarted(run_id=record.dir.name, run_dir=str(record.dir), config=state.config.to_dict(),
                                     resumed=resumed))
+        if note is not None:
+            yield state.emit(note)
         yield from state.execute()
         status = "finished"
     except (Cancelled, KeyboardInterrupt):
@@ -117,10 +139,14 @@ def _drive(state: "_Run", resumed: bool) -> Iterator[Event]:
         raise
     except EbftError as e:
         yield state.emit(Notice("error", str(e)))
+    except torch.OutOfMemoryError:
+        state.release()
+        yield state.emit(Notice("error", state.out_of_memory()))
     except Exception as e:  # a bug or a torch failure: keep the traceback in the run folder, say it plainly
         (record.dir / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
         yield state.emit(Notice("error", f"internal error ({e.__class__.__name__}: {str(e)[:300]}); "
                                          f"details in {record.dir / 'traceback.txt'}"))
+    state.release()
     yield state.emit(RunFinished(status=status, summary=state.finish(status)))
     record.close()
 
@@ -143,6 +169,9 @@ class _Run:
         self.eval_info: dict[str, Any] = {}
         self.calib_info: dict[str, Any] = {}
         self.precision: Precision | None = None
+        self.model_config = None
+        self.plan: MemoryPlan | None = None
+        self.where = "starting"  # what the run is doing, for a message if memory runs out
         self.finished_summary: dict[str, Any] | None = None
         record.write_config(config.to_dict())
         record.write_summary(self._summary("running"))  # a crash leaves this: the folder says it never finished
@@ -200,6 +229,9 @@ class _Run:
         self._check_against_model(model_config)
         device = pick_device(cfg.device)
         self.precision = pick_precision(device, cfg.dtype, count_params(model_config))
+        self.model_config = model_config
+        yield self.emit(self._plan(model_config))
+        self._check_disk(model_config)
         self.model, self.tokenizer, self.dense = load_model_cached(source, self.precision.storage,
                                                                    count_params(model_config))
         self.adapter = LlamaAdapter(self.model)
@@ -208,6 +240,55 @@ class _Run:
                                        f"{count_params(model_config) / 1e6:.0f}M parameters; device {p.device}, "
                                        f"weights {_name(p.storage)}, compute {_name(p.compute)}"))
         yield self.emit(self._phase_done("load", "", t))
+
+    def _plan(self, model_config) -> Notice:
+        """Predict peak memory before any weight is loaded; refuse a run that cannot fit, saying what would."""
+        cfg, p = self.config, self.precision
+        device_capacity, host_capacity = capacities(p.device)
+        self.plan = plan_memory(model_config, cfg, p, device_capacity=device_capacity, host_capacity=host_capacity)
+        if self.plan.problem:
+            if self.plan.peak_device > (device_capacity or self.plan.peak_device):
+                fix = suggestion(model_config, cfg, p, device_capacity)
+            else:
+                fix = "use fewer --nsamples, a shorter --seqlen or fewer --eval-windows, or a machine with more memory"
+            raise ConfigError("memory", self.plan.problem, fix)
+        return Notice("info", self.plan.summary())
+
+    def _check_disk(self, model_config) -> None:
+        """The checkpoints of one variant must fit in the runs folder: refuse now rather than at block 20."""
+        from .checkpoint import estimate_bytes
+        from .planner import Shape
+
+        shape = Shape.of(model_config)
+        need = estimate_bytes(shape.layers * shape.block_params, self.precision.storage.itemsize,
+                              self.config.prune.sparsity) + 64 * 1024 ** 2
+        free = shutil.disk_usage(self.record.dir).free
+        if free < need:
+            raise ConfigError("runs_dir", f"{self.record.dir.parent} has {free / GiB:.2f} GiB free and this run's "
+                              f"block checkpoints need about {need / GiB:.2f} GiB",
+                              "free some space or choose another folder with --runs-dir")
+
+    def out_of_memory(self) -> str:
+        """The message for a device out-of-memory: where, the planner's suggestion, and how to go on."""
+        fix = "use a smaller --batch-size or --activations host"
+        if self.plan is not None and self.model_config is not None:
+            fix = suggestion(self.model_config, self.config, self.precision, self.plan.device_capacity)
+        return (f"out of device memory in {self.where}; {fix}, then continue with python -m ebft_engine run "
+                f"--resume {self.record.dir} (add the flag there: --batch-size and --activations may change on "
+                "resume)")
+
+    def release(self) -> None:
+        """After a failure: every block back on the host in the storage dtype, no gradients, the cache freed,
+        so the process is ready for the next run."""
+        adapter, p = getattr(self, "adapter", None), self.precision
+        if adapter is not None and p is not None:
+            for block in adapter.blocks:
+                block.to("cpu", p.storage)
+                for param in block.parameters():
+                    param.grad = None
+                    param.requires_grad_(False)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _check_against_model(self, model_config) -> None:
         cfg = self.config
@@ -248,6 +329,7 @@ class _Run:
         yield self.emit(self._phase_done("data", "", t))
 
     def _evaluate(self, label: str) -> Iterator[Event]:
+        self.where = f"the evaluation of {label}"
         yield self.emit(PhaseStarted("eval", label))
         t = time.perf_counter()
         res = perplexity(self.adapter, self.eval_ids, self.eval_seqlen, self.precision,
@@ -275,6 +357,9 @@ class _Run:
 
         with torch.no_grad():
             hidden = adapter.embed(self.calib_ids).to(p.storage) if needs_forward else None  # (n, seq, hidden)
+        if hidden is not None and p.device.type == "cuda":
+            # the planner chose: on the device when the EBFT phase fits there with them, else pinned host memory
+            hidden = hidden.to(p.device) if self.plan.activations == "device" else hidden.pin_memory()
         zeros = total = 0
         n_blocks = adapter.num_blocks
         digest = new_digest()
@@ -295,6 +380,7 @@ class _Run:
             if self.cancelled():
                 raise Cancelled()
             t_block = time.perf_counter()
+            self.where = f"block {i} of {label}"
             yield self.emit(BlockStarted(label, i, n_blocks))
             block.to(p.device)
             stats = StatsCollector(method.needs)
@@ -442,6 +528,10 @@ class _Run:
             "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
             "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
                                                  "compute": _name(p.compute)},
+            "memory_plan": None if self.plan is None else {
+                "activations": self.plan.activations,
+                "phases": {ph.phase: {"device_gib": round(ph.device / GiB, 3), "host_gib": round(ph.host / GiB, 3)}
+                           for ph in self.plan.phases}},
             "config": self.config.to_dict(), "pid": os.getpid(),
         }
 

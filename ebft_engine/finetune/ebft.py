@@ -70,7 +70,7 @@ def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targ
     params = [p for p in block.parameters()]
     for p in params:
         p.requires_grad_(True)
-    pruned_state = [p.detach().clone() for p in params]
+    pruned_state = [p.detach().to("cpu", copy=True) for p in params]  # for a roll-back; kept off the device
     n = inputs.shape[0]
     steps_per_epoch = max(n // cfg.batch_size, 1)
     total_steps = cfg.epochs * steps_per_epoch

@@ -1,0 +1,278 @@
+"""The memory planner: peak device and host memory of each phase, predicted from the model's config and the run
+config before any weight is loaded; and where the calibration activations live (device or pinned host).
+
+What is counted (bytes; P = model parameters, Pb = one block's, L = blocks, N = calibration tokens, h/f = hidden
+and MLP widths, kv = key/value width, T = tokens of one training batch):
+
+- the model itself, P x storage bytes, on the host (one block at a time visits the device);
+- the dense copy of the block weights kept to restore between variants (models up to 1B are cached that way);
+- calibration activations, N x h x storage bytes each: the inputs, the dense targets (EBFT) and the outputs
+  being propagated, three at once in an EBFT block;
+- EBFT training state for one block: float32 weights, gradients and two AdamW moments (16 bytes per weight),
+  a bool mask (1), the bf16 copies autocast makes of the weights (2), plus what autograd keeps for backward:
+  30h + 8f + 4kv bytes per token under bf16 autocast (measured exactly by summing saved tensors of a LLaMA
+  block with saved_tensors_hooks, widths 576 to 2048: within 0.1%), doubled without autocast, and the
+  backward pass's transient gradients of the widest activations (about 12f + 8h per token);
+- SparseGPT's Hessians: (3h^2 + f^2) float32 per block, times three while the inverse is factorised;
+- evaluation: one block, the LM head and a 256-token slice of logits on the device; all windows' hidden
+  states on the host;
+- on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a model
+  loads, one transient copy of its weights (the checkpoint being converted).
+
+The planner is checked against measurement by ``bench/memory.py``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .device import Precision
+
+GiB = 1024 ** 3
+RUNTIME_BYTES = 480 * 1024 ** 2  # python + torch + transformers + datasets, resident (bench/memory.py measures it)
+CACHE_MAX_PARAMS = 1_000_000_000  # as models.CACHE_MAX_PARAMS: smaller models keep a dense copy of their blocks
+HEAD_CHUNK = 256
+EVAL_BATCH = 4
+INFER_BATCH = 8
+DEVICE_HEADROOM = 0.92  # plan to use at most this share of the device (allocator fragmentation, CUDA context)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the planner needs of a model config."""
+
+    hidden: int
+    intermediate: int
+    kv: int
+    layers: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config: Any) -> Shape:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, kv=kv_heads * head_dim,
+                   layers=config.num_hidden_layers, vocab=config.vocab_size,
+                   tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+    @property
+    def block_params(self) -> int:
+        h, f, kv = self.hidden, self.intermediate, self.kv
+        return 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+
+    @property
+    def params(self) -> int:
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.vocab * self.hidden + head + self.layers * self.block_params + self.hidden
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    phase: str
+    device: int  # peak bytes on the accelerator (0 on a CPU run: everything is host memory)
+    host: int  # peak resident bytes of the process
+    parts: dict[str, int] = field(default_factory=dict)  # the largest terms, for the explanation
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    device_type: str
+    activations: str  # where calibration activations live: "device" or "host"
+    phases: tuple[PhasePlan, ...]
+    device_capacity: int | None  # bytes the run may use on the device (None on a CPU run)
+    host_capacity: int | None
+
+    @property
+    def peak_device(self) -> int:
+        return max(p.device for p in self.phases)
+
+    @property
+    def peak_host(self) -> int:
+        return max(p.host for p in self.phases)
+
+    def phase(self, name: str) -> PhasePlan:
+        return next(p for p in self.phases if p.phase == name)
+
+    @property
+    def fits(self) -> bool:
+        return self.problem is None
+
+    @property
+    def problem(self) -> str | None:
+        """Why the run cannot fit, or None."""
+        if self.device_capacity is not None and self.peak_device > self.device_capacity:
+            worst = max(self.phases, key=lambda p: p.device)
+            return (f"the {worst.phase} phase needs about {_gib(worst.device)} on the {self.device_type} device, "
+                    f"which has {_gib(self.device_capacity)} to give")
+        if self.host_capacity is not None and self.peak_host > self.host_capacity:
+            worst = max(self.phases, key=lambda p: p.host)
+            return (f"the {worst.phase} phase needs about {_gib(worst.host)} of host memory, and "
+                    f"{_gib(self.host_capacity)} is available")
+        return None
+
+    def summary(self) -> str:
+        """One line for the run's log: the peaks and where the activations live."""
+        text = f"memory plan: host peak {_gib(self.peak_host)}"
+        if self.device_type != "cpu":
+            text += (f", device peak {_gib(self.peak_device)}"
+                     + (f" of {_gib(self.device_capacity)}" if self.device_capacity else "")
+                     + f"; calibration activations on the {self.activations}")
+        return text
+
+    def table(self) -> str:
+        lines = ["| phase | device | host |", "|---|---:|---:|"]
+        for p in self.phases:
+            lines.append(f"| {p.phase} | {_gib(p.device) if self.device_type != 'cpu' else '-'} | {_gib(p.host)} |")
+        return "\n".join(lines)
+
+
+def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, device_capacity: int | None = None,
+                host_capacity: int | None = None, calib_cached: bool = False,
+                activations: str | None = None) -> MemoryPlan:
+    """Predict each phase's peak memory and choose where calibration activations live.
+
+    Args:
+        model_config: the model's transformers config (only its shape is read).
+        config: the run configuration.
+        precision: device and dtypes the run will use.
+        device_capacity / host_capacity: bytes available (None: not checked). See :func:`capacities`.
+        calib_cached: self-generated calibration is already cached (no generation pass).
+        activations: "device", "host", or None to follow ``config.activations`` ("auto": the device when the
+            EBFT phase fits there with room to spare, else the host).
+    """
+    s = Shape.of(model_config)
+    on_gpu = precision.device.type != "cpu"
+    choice = activations or config.activations
+    if not on_gpu:
+        choice = "host"
+    elif choice == "auto":
+        trial = _phases(s, config, precision, "device", calib_cached)
+        fits = device_capacity is None or max(p.device for p in trial) <= device_capacity * DEVICE_HEADROOM
+        choice = "device" if fits else "host"
+    phases = _phases(s, config, precision, choice, calib_cached)
+    return MemoryPlan(device_type=precision.device.type, activations=choice, phases=tuple(phases),
+                      device_capacity=device_capacity, host_capacity=host_capacity)
+
+
+def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool) -> list[PhasePlan]:
+    sb = p.storage.itemsize
+    h, f, kv, pb = s.hidden, s.intermediate, s.kv, s.block_params
+    on_gpu = p.device.type != "cpu"
+    model = s.params * sb
+    n_variants = len(cfg.baselines) + (1 if cfg.ebft.epochs > 0 or cfg.prune.method not in cfg.baselines else 0)
+    snapshot = s.layers * pb * sb if (s.params <= CACHE_MAX_PARAMS or n_variants > 1) else 0
+    act = cfg.calib.nsamples * cfg.calib.seqlen * h * sb
+    base = RUNTIME_BYTES + model + snapshot
+    autocast = 1 if p.compute is not None else 2
+
+    def inference(tokens: int) -> int:  # transient of one no-grad block call: q,k,v,attention out, MLP hiddens
+        return tokens * (4 * (4 * h + 2 * kv) + 4 * 3 * f)
+
+    phases = []
+    load_transient = model  # the checkpoint being converted to the model's tensors
+    phases.append(PhasePlan("load", 0, RUNTIME_BYTES + model + load_transient, {"model": model}))
+
+    gen = 0
+    if cfg.calib.source == "self" and not calib_cached:
+        # generation runs a bfloat16 copy of the model with a KV cache over all sequences of a batch
+        copy = s.params * 2
+        kv_cache = min(cfg.calib.nsamples, 32) * cfg.calib.seqlen * s.layers * 2 * kv * 2
+        gen = copy + kv_cache + min(cfg.calib.nsamples, 32) * s.vocab * 4 * 2
+    phases.append(PhasePlan("data", gen if on_gpu else 0, base + (0 if on_gpu else gen), {"generation": gen}))
+
+    eval_seqlen = cfg.eval.seqlen or 2048
+    eval_hidden = (cfg.eval.windows or 0) * eval_seqlen * h * sb  # unknown window count: counted as 0
+    eval_dev = pb * sb + s.vocab * h * sb + inference(EVAL_BATCH * eval_seqlen) + HEAD_CHUNK * s.vocab * 4 * 3
+    phases.append(PhasePlan("eval", eval_dev if on_gpu else 0,
+                            base + eval_hidden + (0 if on_gpu else inference(EVAL_BATCH * eval_seqlen)),
+                            {"hidden states": eval_hidden}))
+
+    methods = set(cfg.baselines) | {cfg.prune.method}
+    hessians = 3 * (3 * h * h + f * f) * 4 if "sparsegpt" in methods else 0
+    prune_acts = 2 * act
+    prune_dev = pb * sb + hessians + inference(INFER_BATCH * cfg.calib.seqlen) + pb  # + bool masks
+    phases.append(PhasePlan("prune", prune_dev + (prune_acts if acts == "device" else 0) if on_gpu else 0,
+                            base + (prune_acts if acts == "host" else 0)
+                            + (0 if on_gpu else hessians + inference(INFER_BATCH * cfg.calib.seqlen)),
+                            {"activations": prune_acts, "hessians": hessians}))
+
+    if cfg.ebft.epochs > 0:
+        tokens = cfg.ebft.batch_size * cfg.calib.seqlen
+        saved = autocast * tokens * (30 * h + 8 * f + 4 * kv)
+        backward = tokens * (12 * f + 8 * h)
+        state = pb * (16 + 1 + (2 if p.compute is not None else 0))
+        train = state + saved + backward
+        ebft_acts = 3 * act
+        # On the host: the pruned copy kept for a roll-back, and (where storage is not float32) nothing else:
+        # the float32 block lives on the device.
+        host_extra = pb * 4
+        if on_gpu:
+            phases.append(PhasePlan("ebft", train + (ebft_acts if acts == "device" else 0),
+                                    base + host_extra + (ebft_acts if acts == "host" else 0),
+                                    {"training state": state, "autograd": saved + backward,
+                                     "activations": ebft_acts}))
+        else:
+            float_copy = pb * 4 if sb != 4 else 0  # block.float() copies a half-precision block
+            phases.append(PhasePlan("ebft", 0, base + ebft_acts + train - pb * 4 * (sb == 4) + float_copy
+                                    + host_extra, {"training state": state, "autograd": saved + backward,
+                                                   "activations": ebft_acts}))
+    return phases
+
+
+def capacities(device: torch.device) -> tuple[int | None, int | None]:
+    """(device bytes this process may use, host bytes available) right now; None where unknown."""
+    host = _meminfo("MemAvailable")
+    if host is not None:
+        host += _rss()  # what this process already holds counts as available to it
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        return int(min(free + torch.cuda.memory_reserved(index), total)), host
+    return None, host
+
+
+def suggestion(model_config: Any, config: RunConfig, precision: Precision, capacity: int | None) -> str:
+    """What to change so the run fits the device: the first of a few levers that does, with its figure."""
+    levers: list[tuple[str, dict[str, Any], str | None]] = []
+    b = config.ebft.batch_size
+    while b > 1:
+        b //= 2
+        levers.append((f"--batch-size {b}", {"ebft.batch_size": b}, None))
+    levers.append(("--activations host", {}, "host"))
+    for b in (max(config.ebft.batch_size // 2, 1), 1):
+        levers.append((f"--activations host --batch-size {b}", {"ebft.batch_size": b}, "host"))
+    for flags, overrides, acts in levers:
+        cfg = config.with_overrides(overrides) if overrides else config
+        plan = plan_memory(model_config, cfg, precision, device_capacity=capacity, activations=acts)
+        if capacity is None or plan.peak_device <= capacity * DEVICE_HEADROOM:
+            return f"try {flags} (planned device peak {_gib(plan.peak_device)})"
+    return "use a GPU with more memory, a shorter --seqlen, or --device cpu"
+
+
+def _gib(n: int | None) -> str:
+    return "?" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _rss() -> int:
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

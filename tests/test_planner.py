@@ -1,0 +1,65 @@
+"""The memory planner: 7B-class models fit a 16 GB GPU at the paper's settings; it moves activations to the host
+and suggests a smaller batch when the device is small; a CPU run is all host memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from ebft_engine import RunConfig
+from ebft_engine.device import Precision
+from ebft_engine.planner import GiB, Shape, plan_memory, suggestion
+
+GPU16 = 16 * 10 ** 9
+CUDA_BF16 = Precision(torch.device("cuda"), torch.bfloat16, torch.bfloat16)
+SEVEN_B = {
+    "llama-7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                            vocab_size=32000, max_position_embeddings=2048),
+    "llama-2-7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                              num_attention_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    "llama-3-8b": LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                              max_position_embeddings=8192),
+}
+
+
+@pytest.fixture
+def paper():
+    return RunConfig.from_yaml("assets/presets/llama-7b-paper.yaml")
+
+
+def test_parameter_counts_match_the_published_sizes():
+    assert Shape.of(SEVEN_B["llama-7b"]).params == pytest.approx(6.74e9, rel=0.01)
+    assert Shape.of(SEVEN_B["llama-3-8b"]).params == pytest.approx(8.03e9, rel=0.01)
+
+
+@pytest.mark.parametrize("name", list(SEVEN_B))
+def test_seven_b_fits_a_16_gb_gpu_at_the_paper_settings(name, paper):
+    plan = plan_memory(SEVEN_B[name], paper, CUDA_BF16, device_capacity=GPU16)
+    assert plan.fits and plan.peak_device < 14 * GiB
+    assert plan.phase("ebft").device == plan.peak_device  # training one block is the peak
+
+
+def test_a_small_device_moves_activations_to_the_host_and_the_advice_fits(paper):
+    big = plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16, device_capacity=GPU16)
+    small = plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16, device_capacity=8 * GiB)
+    assert big.activations == "device" and small.activations == "host"
+    assert small.phase("ebft").host > big.phase("ebft").host  # they moved, they did not vanish
+    tiny = 6 * GiB
+    advice = suggestion(SEVEN_B["llama-7b"], paper, CUDA_BF16, tiny)
+    assert "--batch-size" in advice
+    batch = int(advice.split("--batch-size ")[1].split()[0])
+    fixed = paper.with_overrides({"ebft.batch_size": batch})
+    acts = "host" if "--activations host" in advice else None
+    assert plan_memory(SEVEN_B["llama-7b"], fixed, CUDA_BF16, device_capacity=tiny, activations=acts).fits
+
+
+def test_an_impossible_device_is_refused_with_a_reason(paper):
+    plan = plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16, device_capacity=1 * GiB)
+    assert not plan.fits and "on the cuda device" in plan.problem
+
+
+def test_a_cpu_run_is_all_host_memory(paper):
+    plan = plan_memory(SEVEN_B["llama-7b"], paper, Precision(torch.device("cpu"), torch.bfloat16, torch.bfloat16))
+    assert plan.peak_device == 0 and plan.activations == "host"
+    assert plan.phase("ebft").host > Shape.of(SEVEN_B["llama-7b"]).params * 2  # the model and more
