@@ -198,11 +198,73 @@ def _mtime(source: ModelSource) -> float:
     return max((f.stat().st_mtime for f in path.iterdir() if f.is_file()), default=0.0) if path.is_dir() else 0.0
 
 
-def restore_blocks(model: nn.Module, dense: list[torch.Tensor]) -> None:
-    """Copy the dense block weights back into the model (in place: no new tensors)."""
+def restore_blocks(model: nn.Module, dense) -> None:
+    """Copy the dense block weights back into the model (in place: no new tensors), from a list of saved
+    tensors or a :class:`FileBackedBlocks`."""
+    if isinstance(dense, FileBackedBlocks):
+        dense.restore(model)
+        return
     with torch.no_grad():
         for p, saved in zip(model.model.layers.parameters(), dense):
             p.copy_(saved)
+
+
+class FileBackedBlocks:
+    """The dense block weights read back from the model's own safetensors files, one tensor at a time.
+
+    For a 7B model an in-memory copy of the blocks would double host memory (13 GB more); the checkpoint
+    on disk already holds them, memory-mapped, so restoring costs a read instead.
+    """
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files  # parameter name (model.layers.N...) -> the safetensors file holding it
+
+    @classmethod
+    def find(cls, source: "ModelSource", model: nn.Module) -> "FileBackedBlocks | None":
+        """The block tensors' files for ``source``, or None when they are not all in local safetensors."""
+        from safetensors import safe_open
+
+        folder = _local_folder(source)
+        if folder is None:
+            return None
+        files: dict[str, Path] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    files.update({key: path for key in f.keys() if key.startswith("model.layers.")})
+            except Exception:  # an unreadable file: fall back to the in-memory copy
+                return None
+        names = ["model.layers." + name for name, _ in model.model.layers.named_parameters()]
+        if not names or any(name not in files for name in names):
+            return None
+        return cls({name: files[name] for name in names})
+
+    def restore(self, model: nn.Module) -> None:
+        from safetensors import safe_open
+
+        params = dict(model.model.layers.named_parameters())
+        by_file: dict[Path, list[str]] = {}
+        for name, path in self.files.items():
+            by_file.setdefault(path, []).append(name)
+        with torch.no_grad():
+            for path, names in by_file.items():
+                with safe_open(str(path), framework="pt") as f:
+                    for name in names:
+                        params[name[len("model.layers."):]].copy_(f.get_tensor(name))
+
+
+def _local_folder(source: "ModelSource") -> Path | None:
+    if source.gguf_file or source.path == TINY_NAME:
+        return None
+    path = Path(source.path)
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source.path, local_files_only=True, allow_patterns=["*.safetensors"]))
+    except Exception:
+        return None
 
 
 def _load_failure(source: ModelSource, error: Exception) -> str:

@@ -30,7 +30,7 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
                      RunFinished, RunStarted)
 from .evaluate import perplexity
 from .finetune import finetune_block
-from .models import LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
+from .models import FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
 from .planner import GiB, MemoryPlan, capacities, plan_memory, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
@@ -196,8 +196,14 @@ class _Run:
         # Variants still to do; the last one again when the model is to be saved, restored from its checkpoint.
         todo = [v for k, v in enumerate(variants)
                 if v[0] not in self.ppl or (cfg.save_model and k == len(variants) - 1)]
-        if self.dense is None and len(todo) > 1:
-            self.dense = [p.detach().clone() for p in self.adapter.blocks.parameters()]
+        if self.dense is None and len(todo) > 1:  # a large model: restore from its files, else keep a copy
+            self.dense = FileBackedBlocks.find(self.source, self.model)
+            if self.dense is None:
+                self.dense = [p.detach().clone() for p in self.adapter.blocks.parameters()]
+                gib = sum(t.numel() * t.element_size() for t in self.dense) / GiB
+                yield self.emit(Notice("warning", f"the model has no local safetensors files to restore its dense "
+                                                  f"blocks from between variants: keeping a {gib:.1f} GiB copy in "
+                                                  "host memory instead"))
         for k, (label, method, train) in enumerate(todo):
             if k > 0:
                 restore_blocks(self.model, self.dense)
@@ -224,7 +230,7 @@ class _Run:
         cfg = self.config
         yield self.emit(PhaseStarted("load", cfg.model))
         t = time.perf_counter()
-        source = resolve_source(cfg.model)
+        source = self.source = resolve_source(cfg.model)
         model_config = load_config(source)
         self._check_against_model(model_config)
         device = pick_device(cfg.device)

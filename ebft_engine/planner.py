@@ -5,7 +5,8 @@ What is counted (bytes; P = model parameters, Pb = one block's, L = blocks, N = 
 and MLP widths, kv = key/value width, T = tokens of one training batch):
 
 - the model itself, P x storage bytes, on the host (one block at a time visits the device);
-- the dense copy of the block weights kept to restore between variants (models up to 1B are cached that way);
+- the dense copy of the block weights kept to restore between variants, for models up to 1B (larger ones
+  restore from their own memory-mapped safetensors files, models.FileBackedBlocks);
 - calibration activations, N x h x storage bytes each: the inputs, the dense targets (EBFT) and the outputs
   being propagated, three at once in an EBFT block;
 - EBFT training state for one block: float32 weights, gradients and two AdamW moments (16 bytes per weight),
@@ -164,8 +165,7 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
     h, f, kv, pb = s.hidden, s.intermediate, s.kv, s.block_params
     on_gpu = p.device.type != "cpu"
     model = s.params * sb
-    n_variants = len(cfg.baselines) + (1 if cfg.ebft.epochs > 0 or cfg.prune.method not in cfg.baselines else 0)
-    snapshot = s.layers * pb * sb if (s.params <= CACHE_MAX_PARAMS or n_variants > 1) else 0
+    snapshot = s.layers * pb * sb if s.params <= CACHE_MAX_PARAMS else 0
     act = cfg.calib.nsamples * cfg.calib.seqlen * h * sb
     base = RUNTIME_BYTES + model + snapshot
     autocast = 1 if p.compute is not None else 2
@@ -232,7 +232,12 @@ def capacities(device: torch.device) -> tuple[int | None, int | None]:
     if device.type == "cuda" and torch.cuda.is_available():
         index = device.index if device.index is not None else torch.cuda.current_device()
         free, total = torch.cuda.mem_get_info(index)
-        return int(min(free + torch.cuda.memory_reserved(index), total)), host
+        usable = min(free + torch.cuda.memory_reserved(index), total)
+        try:  # a cap set with torch.cuda.set_per_process_memory_fraction (e.g. to act as a 16 GB card)
+            usable = min(usable, total * torch.cuda.get_per_process_memory_fraction(index))
+        except (AttributeError, RuntimeError):
+            pass
+        return int(usable), host
     return None, host
 
 

@@ -275,6 +275,28 @@ def _archive(run_dir: str) -> str | None:
     return shutil.make_archive(str(target), "zip", run_dir)
 
 
+def plan_run(*values) -> str:
+    """The memory planner's prediction for the current settings, before anything is loaded."""
+    from ebft_engine.device import pick_device, pick_precision
+    from ebft_engine.models import count_params, load_config, resolve_source
+    from ebft_engine.planner import capacities, plan_memory, suggestion
+
+    try:
+        config = values_to_config(list(values))
+        model_config = load_config(resolve_source(config.model))
+        device = pick_device(config.device)
+        precision = pick_precision(device, config.dtype, count_params(model_config))
+    except EbftError as e:
+        return f"⚠️ {e}"
+    device_capacity, host_capacity = capacities(device)
+    plan = plan_memory(model_config, config, precision, device_capacity=device_capacity,
+                       host_capacity=host_capacity)
+    verdict = "fits" if plan.fits else f"**does not fit**: {plan.problem}"
+    if not plan.fits and device_capacity and plan.peak_device > device_capacity:
+        verdict += f"; {suggestion(model_config, config, precision, device_capacity)}"
+    return f"{plan.summary()} — {verdict}.\n\n{plan.table()}"
+
+
 def export_yaml(*values) -> tuple[str | None, str]:
     try:
         config = values_to_config(list(values))
@@ -320,6 +342,8 @@ def build_app() -> gr.Blocks:
                             step_btn = gr.Button("Step", elem_id="step-btn")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
                         gr.Markdown("**Step** runs one block per click (for a classroom); **Stop** ends either kind of run.")
+                        plan_btn = gr.Button("Memory plan", elem_id="plan-btn")
+                        plan_md = gr.Markdown(elem_id="plan")
                         export_btn = gr.Button("Download config as YAML")
                         yaml_file = gr.File(label="config", interactive=False)
                         yaml_note = gr.Markdown()
@@ -370,6 +394,7 @@ def build_app() -> gr.Blocks:
         stop_btn.click(stop_run, None, notices, queue=False, api_name="stop",
                        cancels=[run_evt] if policy.on_zero_gpu() else None)
         export_btn.click(export_yaml, controls, [yaml_file, yaml_note], api_name="export_yaml")
+        plan_btn.click(plan_run, controls, plan_md, api_name="plan")
         history = [runs_df, chosen, to_resume]
         refresh_btn.click(refresh_history, None, history, api_name="history")
         compare_btn.click(compare_runs, chosen, [compare_plot, compare_df], api_name="compare")

@@ -140,3 +140,18 @@ def test_a_block_that_training_made_worse_keeps_its_pruned_weights(tiny_run_conf
     for e in events:
         if isinstance(e, BlockFinished) and e.label == "ebft":
             assert e.final_loss <= e.initial_loss * (1 + 1e-6)
+
+
+def test_large_models_restore_dense_blocks_from_their_files(tiny_run_config, monkeypatch):
+    """Above the in-memory cache limit the dense blocks come back from the model's safetensors: same numbers."""
+    from ebft_engine import models
+
+    config = tiny_run_config.with_overrides({"baselines": "magnitude,wanda"})
+    in_memory = _collect(config)[-1].summary
+    monkeypatch.setattr(models, "CACHE_MAX_PARAMS", 0)
+    models._CACHE.clear()
+    events = _collect(config)
+    assert not [e for e in events if e.kind == "notice" and e.level == "warning"]  # no in-memory copy was made
+    from_files = events[-1].summary
+    assert from_files["ppl"] == pytest.approx(in_memory["ppl"], rel=1e-6)
+    assert from_files["mask_sha256"] == in_memory["mask_sha256"]
