@@ -3,8 +3,8 @@
     python bench/memory.py            # SmolLM2 demo preset measured in a fresh process (~5 min on 2 cores)
     python bench/memory.py --plan-only
 
-1. A fresh process runs the smollm2-demo preset; at each phase start it resets the kernel's peak-RSS mark
-   (/proc/self/clear_refs) and the CUDA peak counter, and at each phase end reads them (VmHWM; CUDA max
+1. A fresh process runs the smollm2-demo preset; at each phase start it returns freed heap to the kernel
+   (malloc_trim), resets the kernel's peak-RSS mark (/proc/self/clear_refs) and the CUDA peak counter, and at each phase end reads them (VmHWM; CUDA max
    allocated where a GPU is present). The planner's prediction for the same config is printed beside them.
 2. The planner's device peak for LLaMA-7B, LLaMA-2-7B and Llama-3-8B at the paper's settings (256 x 1024
    calibration tokens, batch 8, bf16) on a 16 GB GPU.
@@ -73,14 +73,22 @@ def child() -> None:
     p = summary["precision"]
     precision = Precision(torch.device(p["device"]), getattr(torch, p["storage"]),
                           None if p["compute"] == "none" else getattr(torch, p["compute"]))
-    model_config = load_config(resolve_source(config.model))
-    plan = plan_memory(model_config, config, precision, calib_cached=cached)
+    source = resolve_source(config.model)
+    plan = plan_memory(load_config(source), config, precision, calib_cached=cached, gguf=source.gguf_file is not None)
     predicted = {ph.phase: {"host": ph.host, "device": ph.device} for ph in plan.phases}
     print(json.dumps({"measured": measured, "predicted": predicted, "status": summary["status"],
                       "plan_notice": plan_notice, "cuda": cuda}))
 
 
 def _reset_peak() -> None:
+    """Hand freed heap back to the kernel (glibc keeps it otherwise, and RSS would carry one phase's garbage
+    into the next), then reset the peak mark to what is resident now."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS

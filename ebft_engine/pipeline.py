@@ -251,7 +251,8 @@ class _Run:
         """Predict peak memory before any weight is loaded; refuse a run that cannot fit, saying what would."""
         cfg, p = self.config, self.precision
         device_capacity, host_capacity = capacities(p.device)
-        self.plan = plan_memory(model_config, cfg, p, device_capacity=device_capacity, host_capacity=host_capacity)
+        self.plan = plan_memory(model_config, cfg, p, device_capacity=device_capacity, host_capacity=host_capacity,
+                                gguf=self.source.gguf_file is not None)
         if self.plan.problem:
             if self.plan.peak_device > (device_capacity or self.plan.peak_device):
                 fix = suggestion(model_config, cfg, p, device_capacity)

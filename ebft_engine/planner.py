@@ -17,8 +17,9 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
 - SparseGPT's Hessians: (3h^2 + f^2) float32 per block, times three while the inverse is factorised;
 - evaluation: one block, the LM head and a 256-token slice of logits on the device; all windows' hidden
   states on the host;
-- on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a model
-  loads, one transient copy of its weights (the checkpoint being converted).
+- on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a GGUF
+  model loads, one transient copy of its weights (the dequantised tensors). A safetensors checkpoint is
+  memory-mapped: its pages are reclaimable page cache, not a second copy, so nothing is added for it.
 
 The planner is checked against measurement by ``bench/memory.py``.
 """
@@ -134,7 +135,7 @@ class MemoryPlan:
 
 def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, device_capacity: int | None = None,
                 host_capacity: int | None = None, calib_cached: bool = False,
-                activations: str | None = None) -> MemoryPlan:
+                activations: str | None = None, gguf: bool = False) -> MemoryPlan:
     """Predict each phase's peak memory and choose where calibration activations live.
 
     Args:
@@ -143,6 +144,7 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
         precision: device and dtypes the run will use.
         device_capacity / host_capacity: bytes available (None: not checked). See :func:`capacities`.
         calib_cached: self-generated calibration is already cached (no generation pass).
+        gguf: the model loads from a GGUF file (dequantised on load: a transient copy).
         activations: "device", "host", or None to follow ``config.activations`` ("auto": the device when the
             EBFT phase fits there with room to spare, else the host).
     """
@@ -152,15 +154,15 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
     if not on_gpu:
         choice = "host"
     elif choice == "auto":
-        trial = _phases(s, config, precision, "device", calib_cached)
+        trial = _phases(s, config, precision, "device", calib_cached, gguf)
         fits = device_capacity is None or max(p.device for p in trial) <= device_capacity * DEVICE_HEADROOM
         choice = "device" if fits else "host"
-    phases = _phases(s, config, precision, choice, calib_cached)
+    phases = _phases(s, config, precision, choice, calib_cached, gguf)
     return MemoryPlan(device_type=precision.device.type, activations=choice, phases=tuple(phases),
                       device_capacity=device_capacity, host_capacity=host_capacity)
 
 
-def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool) -> list[PhasePlan]:
+def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool) -> list[PhasePlan]:
     sb = p.storage.itemsize
     h, f, kv, pb = s.hidden, s.intermediate, s.kv, s.block_params
     on_gpu = p.device.type != "cpu"
@@ -174,7 +176,7 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
         return tokens * (4 * (4 * h + 2 * kv) + 4 * 3 * f)
 
     phases = []
-    load_transient = model  # the checkpoint being converted to the model's tensors
+    load_transient = model if gguf else 0
     phases.append(PhasePlan("load", 0, RUNTIME_BYTES + model + load_transient, {"model": model}))
 
     gen = 0
@@ -186,7 +188,7 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
     phases.append(PhasePlan("data", gen if on_gpu else 0, base + (0 if on_gpu else gen), {"generation": gen}))
 
     eval_seqlen = cfg.eval.seqlen or 2048
-    eval_hidden = (cfg.eval.windows or 0) * eval_seqlen * h * sb  # unknown window count: counted as 0
+    eval_hidden = _eval_windows(cfg, eval_seqlen) * eval_seqlen * h * sb
     eval_dev = pb * sb + s.vocab * h * sb + inference(EVAL_BATCH * eval_seqlen) + HEAD_CHUNK * s.vocab * 4 * 3
     phases.append(PhasePlan("eval", eval_dev if on_gpu else 0,
                             base + eval_hidden + (0 if on_gpu else inference(EVAL_BATCH * eval_seqlen)),
@@ -222,6 +224,26 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
                                     + host_extra, {"training state": state, "autograd": saved + backward,
                                                    "activations": ebft_acts}))
     return phases
+
+
+# Tokens in each evaluation set with a LLaMA tokenizer (WikiText-2 test 338,535; PTB test ~82k; the C4 protocol
+# takes 256 windows); a file is guessed at 4 characters per token.
+EVAL_TOKENS = {"wikitext2": 340_000, "ptb": 120_000}
+
+
+def _eval_windows(cfg: RunConfig, seqlen: int) -> int:
+    source = cfg.eval.source
+    if source.startswith("file:"):
+        from pathlib import Path
+
+        path = Path(source[5:])
+        tokens = path.stat().st_size // 4 if path.is_file() else 0
+    elif source == "c4":
+        tokens = 256 * seqlen
+    else:
+        tokens = EVAL_TOKENS.get(source, 0)
+    windows = tokens // seqlen
+    return windows if cfg.eval.windows is None else min(cfg.eval.windows, windows)
 
 
 def capacities(device: torch.device) -> tuple[int | None, int | None]:

@@ -283,14 +283,15 @@ def plan_run(*values) -> str:
 
     try:
         config = values_to_config(list(values))
-        model_config = load_config(resolve_source(config.model))
+        source = resolve_source(config.model)
+        model_config = load_config(source)
         device = pick_device(config.device)
         precision = pick_precision(device, config.dtype, count_params(model_config))
     except EbftError as e:
         return f"⚠️ {e}"
     device_capacity, host_capacity = capacities(device)
     plan = plan_memory(model_config, config, precision, device_capacity=device_capacity,
-                       host_capacity=host_capacity)
+                       host_capacity=host_capacity, gguf=source.gguf_file is not None)
     verdict = "fits" if plan.fits else f"**does not fit**: {plan.problem}"
     if not plan.fits and device_capacity and plan.peak_device > device_capacity:
         verdict += f"; {suggestion(model_config, config, precision, device_capacity)}"

@@ -63,3 +63,11 @@ def test_a_cpu_run_is_all_host_memory(paper):
     plan = plan_memory(SEVEN_B["llama-7b"], paper, Precision(torch.device("cpu"), torch.bfloat16, torch.bfloat16))
     assert plan.peak_device == 0 and plan.activations == "host"
     assert plan.phase("ebft").host > Shape.of(SEVEN_B["llama-7b"]).params * 2  # the model and more
+
+
+def test_seven_b_host_memory_stays_close_to_the_model_bytes(paper):
+    """No second copy of the weights on the host: the dense blocks come back from the safetensors files."""
+    plan = plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16, device_capacity=GPU16)
+    model_bytes = Shape.of(SEVEN_B["llama-7b"]).params * 2
+    evaluation_states = 165 * 2048 * 4096 * 2  # WikiText-2's windows' hidden states, bf16
+    assert plan.peak_host < model_bytes + evaluation_states + 1 * GiB

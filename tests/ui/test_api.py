@@ -157,3 +157,13 @@ def test_a_stopped_run_is_offered_in_history_and_resumes_to_the_end(lab_url):
 
     refused = list(resume_run("../../etc", None))[-1]
     assert "failed" in refused[0] and "not a run in the history" in refused[0]
+
+
+def test_memory_plan_before_a_run(lab_url):
+    from gradio_client import Client
+
+    client = Client(lab_url, verbose=False)
+    text = client.predict(*_values(), api_name="/plan")
+    assert text.startswith("memory plan: host peak") and "fits" in text and "| ebft |" in text
+    bad = client.predict(*_values(**{"model": "/nowhere/model.gguf"}), api_name="/plan")
+    assert bad.startswith("⚠️") and "Traceback" not in bad
