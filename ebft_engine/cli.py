@@ -19,9 +19,13 @@ from .pipeline import resume, run
 # flag -> dotted config field
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--model": ("model", str, "hub id, local folder, .gguf file, or smollm2-135m (the embedded default)"),
-    "--method": ("prune.method", str, f"initial pruning method: {', '.join(PRUNE_METHODS)}"),
+    "--method": ("prune.method", str, f"initial pruning method: {', '.join(PRUNE_METHODS)}, or owl-<method>"),
     "--sparsity": ("prune.sparsity", float, "fraction of weights removed per linear layer, in [0, 1)"),
     "--pattern": ("prune.pattern", str, "unstructured, 2:4 or 4:8 (N kept of every M)"),
+    "--dsnot-init": ("prune.dsnot_init", str, "the mask DSnoT refines: wanda, sparsegpt-mask or magnitude"),
+    "--dsnot-layers": ("prune.dsnot_layers", str, "attention (reference default: q, k, v, o only) or all"),
+    "--owl-lambda": ("prune.owl_lambda", float, "OWL's spread of per-block sparsity (sparsity ± λ)"),
+    "--owl-m": ("prune.owl_m", float, "OWL's outlier threshold, in multiples of the mean Wanda score"),
     "--calib": ("calib.source", str, "calibration data: c4, wikitext2, self or file:PATH"),
     "--nsamples": ("calib.nsamples", int, "number of calibration sequences"),
     "--seqlen": ("calib.seqlen", int, "tokens per calibration sequence"),
@@ -32,7 +36,10 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--eval": ("eval.source", str, "evaluation data: wikitext2, c4, ptb or file:PATH"),
     "--eval-seqlen": ("eval.seqlen", int, "tokens per evaluation window (default: context, at most 2048)"),
     "--eval-windows": ("eval.windows", int, "evaluate the first N windows only (reported as partial)"),
-    "--baselines": ("baselines", str, f"comma-separated pruned-only baselines, from {', '.join(PRUNE_METHODS)}"),
+    "--baselines": ("baselines", str, f"comma-separated pruned-only baselines, from {', '.join(PRUNE_METHODS)} "
+                                      "and owl-<method>"),
+    "--recoveries": ("recoveries", str, "comma-separated recoveries from --method's masks: ebft (the paper's "
+                                        "target), ebft-gp (the dense model's stream as target)"),
     "--device": ("device", str, f"{', '.join(DEVICES)} or cuda:N"),
     "--dtype": ("dtype", str, f"weights dtype: {', '.join(DTYPES)}"),
     "--activations": ("activations", str, "where calibration activations live on a GPU: auto (the memory planner "

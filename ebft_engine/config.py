@@ -18,12 +18,25 @@ import yaml
 
 from .errors import ConfigError
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-mask")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-mask", "dsnot")
+OWL_PREFIX = "owl-"  # owl-<method>: the method with OWL's outlier-weighted per-block sparsity (REFERENCE.md §5)
+DSNOT_INITS = ("wanda", "sparsegpt-mask", "magnitude")
+DSNOT_LAYERS = ("attention", "all")
+
+
+def method_ok(name: object) -> bool:
+    """A pruning method name: one from PRUNE_METHODS, or owl-<one of them>."""
+    if not isinstance(name, str):
+        return False
+    return name in PRUNE_METHODS or (name.startswith(OWL_PREFIX) and name[len(OWL_PREFIX):] in PRUNE_METHODS)
 CALIB_SOURCES = ("c4", "wikitext2", "self")
 EVAL_SOURCES = ("wikitext2", "c4", "ptb")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ACTIVATIONS = ("auto", "device", "host")  # where calibration activations live on a GPU run
+ACTIVATIONS = ("auto", "device", "host")
+# How the pruned model is recovered from --method's masks: EBFT with the dense block on the sparse inputs as its
+# target (the paper), or ebft-gp, with the dense model's own stream (global propagation, REFERENCE.md §7).
+RECOVERIES = ("ebft", "ebft-gp")  # where calibration activations live on a GPU run
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -59,11 +72,25 @@ class PruneConfig:
     method: str = "wanda"
     sparsity: float | None = None
     pattern: str = "unstructured"
+    dsnot_init: str = "wanda"
+    dsnot_layers: str = "attention"
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
 
     def __post_init__(self):
-        if self.method not in PRUNE_METHODS:
+        if not method_ok(self.method):
             raise ConfigError("prune.method", f"unknown method {self.method!r}",
-                              f"choose one of {', '.join(PRUNE_METHODS)}")
+                              f"choose one of {', '.join(PRUNE_METHODS)}, or owl-<method> for OWL's per-block "
+                              "sparsity")
+        if self.dsnot_init not in DSNOT_INITS:
+            raise ConfigError("prune.dsnot_init", f"unknown initial method {self.dsnot_init!r}",
+                              f"DSnoT refines a mask from one of {', '.join(DSNOT_INITS)}")
+        if self.dsnot_layers not in DSNOT_LAYERS:
+            raise ConfigError("prune.dsnot_layers", f"{self.dsnot_layers!r} is not attention or all",
+                              "use attention (the reference default: q, k, v, o only) or all")
+        _check_float("prune.owl_lambda", self.owl_lambda, 0, "use a spread such as 0.08 (sparsity ± λ)")
+        _check_float("prune.owl_m", self.owl_m, 0, "use an outlier threshold such as 5 (times the mean score)",
+                     strict=True)
         nm = parse_pattern(self.pattern)
         if self.sparsity is None:
             object.__setattr__(self, "sparsity", 0.5 if nm is None else 1 - nm[0] / nm[1])
@@ -72,6 +99,9 @@ class PruneConfig:
             raise ConfigError("prune.sparsity", f"{s!r} is outside [0, 1)",
                               "give the fraction of weights to remove, e.g. 0.5 for 50%")
         object.__setattr__(self, "sparsity", float(s))
+        if nm is not None and self.method.startswith(OWL_PREFIX):
+            raise ConfigError("prune.method", f"{self.method} allocates unstructured sparsity per block, and the "
+                              f"pattern is {self.pattern}", "use --pattern unstructured with OWL, or drop owl-")
         if nm is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
             raise ConfigError("prune.sparsity",
                               f"{self.sparsity:g} disagrees with pattern {self.pattern} (which removes "
@@ -153,6 +183,7 @@ class RunConfig:
     ebft: EbftConfig = field(default_factory=EbftConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     baselines: tuple[str, ...] = ()
+    recoveries: tuple[str, ...] = ("ebft",)
     device: str = "auto"
     dtype: str = "auto"
     activations: str = "auto"
@@ -172,9 +203,21 @@ class RunConfig:
                               "write e.g. magnitude,wanda,sparsegpt")
         baselines = tuple(str(b).strip() for b in self.baselines)
         for b in baselines:
-            if b not in PRUNE_METHODS:
-                raise ConfigError("baselines", f"unknown method {b!r}", f"choose from {', '.join(PRUNE_METHODS)}")
+            if not method_ok(b):
+                raise ConfigError("baselines", f"unknown method {b!r}",
+                                  f"choose from {', '.join(PRUNE_METHODS)} (or owl-<method>)")
         object.__setattr__(self, "baselines", tuple(dict.fromkeys(baselines)))
+        if self.prune.nm is not None and any(b.startswith(OWL_PREFIX) for b in baselines):
+            raise ConfigError("baselines", f"OWL allocates unstructured sparsity and the pattern is "
+                              f"{self.prune.pattern}", "drop the owl- baselines or use --pattern unstructured")
+        recoveries = self.recoveries
+        if isinstance(recoveries, str):
+            recoveries = tuple(r for r in recoveries.split(",") if r.strip())
+        if not isinstance(recoveries, (tuple, list)) or not recoveries or not all(
+                isinstance(r, str) and r.strip() in RECOVERIES for r in recoveries):
+            raise ConfigError("recoveries", f"{self.recoveries!r} is not a list of recoveries",
+                              f"choose one or more of {', '.join(RECOVERIES)}, e.g. ebft,ebft-gp")
+        object.__setattr__(self, "recoveries", tuple(dict.fromkeys(r.strip() for r in recoveries)))
         if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
             raise ConfigError("device", f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
         if self.dtype not in DTYPES:
@@ -200,6 +243,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["baselines"] = list(self.baselines)
+        d["recoveries"] = list(self.recoveries)
         return d
 
     @classmethod

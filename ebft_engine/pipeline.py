@@ -34,7 +34,9 @@ from .models import FileBackedBlocks, LlamaAdapter, count_params, load_config, l
 from .planner import GiB, MemoryPlan, capacities, plan_memory, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
+from .config import OWL_PREFIX
 from .sparsity import StatsCollector, get_method
+from .sparsity.wanda import wanda_scores
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +167,7 @@ class _Run:
         self.ppl: dict[str, float] = dict(prev.get("ppl") or {})
         self.sparsity: dict[str, float] = dict(prev.get("actual_sparsity") or {})
         self.masks: dict[str, str] = dict(prev.get("mask_sha256") or {})
+        self.profiles: dict[str, list[float]] = dict(prev.get("sparsity_profile") or {})
         self.blocks: list[dict[str, Any]] = list(prev.get("blocks") or [])
         self.eval_info: dict[str, Any] = {}
         self.calib_info: dict[str, Any] = {}
@@ -190,7 +193,7 @@ class _Run:
             yield from self._evaluate("dense")
         variants = [(b, b, False) for b in cfg.baselines]
         if cfg.ebft.epochs > 0:
-            variants.append(("ebft", cfg.prune.method, True))
+            variants += [(r, cfg.prune.method, True) for r in cfg.recoveries]
         elif cfg.prune.method not in cfg.baselines:
             variants.append((cfg.prune.method, cfg.prune.method, False))
         # Variants still to do; the last one again when the model is to be saved, restored from its checkpoint.
@@ -207,7 +210,7 @@ class _Run:
         for k, (label, method, train) in enumerate(todo):
             if k > 0:
                 restore_blocks(self.model, self.dense)
-            yield from self._block_loop(label, method, train)
+            yield from self._block_loop(label, method, train, gp=label == "ebft-gp")
             if label not in self.ppl:
                 yield from self._evaluate(label)
         self.dense = None
@@ -350,29 +353,43 @@ class _Run:
         yield self.emit(done)
 
     # ---- the block loop ---------------------------------------------------------------------------------
-    def _block_loop(self, label: str, method_name: str, train: bool) -> Iterator[Event]:
+    def _block_loop(self, label: str, method_name: str, train: bool, gp: bool = False) -> Iterator[Event]:
+        """Prune every block with ``method_name`` (owl-<method>: OWL's per-block sparsity), training it with
+        EBFT when ``train``: against the dense block on the sparse inputs, or with ``gp`` against the dense
+        model's own stream (global propagation, REFERENCE.md §7)."""
         cfg, p, adapter = self.config, self.precision, self.adapter
-        method = get_method(method_name)
+        owl = method_name.startswith(OWL_PREFIX)
+        method = get_method(method_name[len(OWL_PREFIX):] if owl else method_name)
+        needs = method.needs_with(cfg.prune)
         phase = "ebft" if train else "prune"
         yield self.emit(PhaseStarted(phase, label))
         t_phase = time.perf_counter()
-        needs_forward = train or bool(method.needs)
+        needs_forward = train or bool(needs)
         kwargs = adapter.block_kwargs(cfg.calib.seqlen, p.device, p.storage)
 
         def call(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
             return adapter.call_block(block, x, kwargs)
 
-        with torch.no_grad():
-            hidden = adapter.embed(self.calib_ids).to(p.storage) if needs_forward else None  # (n, seq, hidden)
-        if hidden is not None and p.device.type == "cuda":
-            # the planner chose: on the device when the EBFT phase fits there with them, else pinned host memory
-            hidden = hidden.to(p.device) if self.plan.activations == "device" else hidden.pin_memory()
-        zeros = total = 0
         n_blocks = adapter.num_blocks
-        digest = new_digest()
         start = self.checkpoints.done(label)
-        if train:  # the per-block table of the EBFT variant: keep the rows of the blocks being restored
-            self.blocks = [b for b in self.blocks if b.get("index", n_blocks) < start]
+        sparsities = [cfg.prune.sparsity] * n_blocks
+        if owl:  # from the dense model, before any block of this variant is pruned or restored
+            sparsities = yield from self._owl_profile(call)
+            yield self.emit(Notice("info", f"OWL per-block sparsity for {label}: " +
+                                           ", ".join(f"{s:.3f}" for s in sparsities)))
+        self.profiles[label] = [round(s, 6) for s in sparsities]
+        hidden = self._embed_calibration() if needs_forward else None  # (n, seq, hidden)
+        dense_hidden = None
+        if gp:  # the dense model's own stream: block i's target is the dense block on dense inputs
+            dense_hidden = hidden.clone()
+            for block in list(adapter.blocks)[:start]:  # still dense here: restoring comes next
+                block.to(p.device)
+                dense_hidden, _ = self._forward(block, call, dense_hidden, keep=True)
+                block.to("cpu")
+        zeros = total = 0
+        digest = new_digest()
+        if train:  # the per-block table of this EBFT variant: keep the rows of the blocks being restored
+            self.blocks = [b for b in self.blocks if b.get("label", "ebft") != label or b.get("index", n_blocks) < start]
         if start == 0:
             self.checkpoints.start(label)
         else:
@@ -390,12 +407,18 @@ class _Run:
             self.where = f"block {i} of {label}"
             yield self.emit(BlockStarted(label, i, n_blocks))
             block.to(p.device)
-            stats = StatsCollector(method.needs)
+            stats = StatsCollector(needs)
             targets = None
-            if needs_forward:
+            if needs_forward and not gp:
                 with stats.attach(adapter.linears(block)):
                     targets, _ = self._forward(block, call, hidden, stats=stats, keep=train)
-            masks = self._prune(block, method, stats)
+            elif gp:
+                if needs:  # the masks still come from the sparse model's own inputs
+                    with stats.attach(adapter.linears(block)):
+                        self._forward(block, call, hidden, stats=stats, keep=False)
+                targets, _ = self._forward(block, call, dense_hidden, keep=True)
+                dense_hidden = targets  # the dense output is the next block's dense input
+            masks = self._prune(block, method, stats, sparsities[i])
             initial = final = None
             if train:
                 block.float()
@@ -426,7 +449,7 @@ class _Run:
                                  final_loss=final if train else None, seconds=time.perf_counter() - t_block,
                                  sparsity=block_zeros / block_total, layers=layers)
             if train:
-                self.blocks.append({"index": i, "initial_loss": initial, "final_loss": final,
+                self.blocks.append({"label": label, "index": i, "initial_loss": initial, "final_loss": final,
                                     "seconds": done.seconds, "sparsity": done.sparsity})
                 self.record.write_summary(self._summary("running"))  # the block's row survives a crash
             yield self.emit(done)
@@ -488,11 +511,42 @@ class _Run:
                 out[start:start + INFER_BATCH] = y.to(out.dtype).to(out.device)
         return out, (sq / count if count else None)
 
-    def _prune(self, block: nn.Module, method, stats: StatsCollector) -> dict[nn.Parameter, torch.Tensor]:
+    def _embed_calibration(self) -> torch.Tensor:
+        p = self.precision
+        with torch.no_grad():
+            hidden = self.adapter.embed(self.calib_ids).to(p.storage)
+        if p.device.type == "cuda":
+            # the planner chose: on the device when the EBFT phase fits there with them, else pinned host memory
+            hidden = hidden.to(p.device) if self.plan.activations == "device" else hidden.pin_memory()
+        return hidden
+
+    def _owl_profile(self, call) -> Iterator[Event]:
+        """OWL (REFERENCE.md §5): each block's outlier ratio of Wanda scores over all its projections, from a
+        dense pass, mapped to per-block sparsities spread ±λ around the target with the same mean."""
+        cfg, p = self.config.prune, self.precision
+        hidden = self._embed_calibration()
+        lods = []
+        for block in self.adapter.blocks:
+            if self.cancelled():
+                raise Cancelled()
+            block.to(p.device)
+            stats = StatsCollector(frozenset({"input_norms"}))
+            linears = self.adapter.linears(block)
+            with stats.attach(linears):
+                hidden, _ = self._forward(block, call, hidden, stats=stats, keep=True)
+            block.to("cpu")
+            scores = torch.cat([wanda_scores(l.weight.data, stats.layer_stats(name).input_norms).flatten()
+                                for name, l in linears.items()])
+            lods.append(100.0 * float((scores > cfg.owl_m * scores.mean()).sum()) / scores.numel())
+        yield self.emit(Notice("info", "OWL outlier ratios (%): " + ", ".join(f"{x:.2f}" for x in lods)))
+        return owl_sparsities(lods, cfg.sparsity, cfg.owl_lambda)
+
+    def _prune(self, block: nn.Module, method, stats: StatsCollector,
+               sparsity: float) -> dict[nn.Parameter, torch.Tensor]:
         cfg = self.config.prune
         masks = {}
         for name, linear in self.adapter.linears(block).items():
-            result = method.fn(linear.weight.data, stats.layer_stats(name), cfg.sparsity, cfg.nm)
+            result = method.fn(linear.weight.data, stats.layer_stats(name), sparsity, cfg.nm, layer=name, cfg=cfg)
             with torch.no_grad():
                 if result.weight is not None:
                     linear.weight.copy_(result.weight)
@@ -531,7 +585,7 @@ class _Run:
         return {
             "run_id": self.record.dir.name, "status": status, "model": self.config.model,
             "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity),
-            "mask_sha256": dict(self.masks), "blocks": list(self.blocks),
+            "mask_sha256": dict(self.masks), "sparsity_profile": dict(self.profiles), "blocks": list(self.blocks),
             "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
             "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
                                                  "compute": _name(p.compute)},
@@ -541,6 +595,15 @@ class _Run:
                            for ph in self.plan.phases}},
             "config": self.config.to_dict(), "pid": os.getpid(),
         }
+
+
+def owl_sparsities(lods: list[float], sparsity: float, lam: float) -> list[float]:
+    """Per-block sparsities from outlier ratios: density D = r - mean(r) + (1 - S), r the ratios scaled to
+    [0, 2λ]; more outliers keep more weights; the mean sparsity is S. Clamped into [0.01, 0.99]."""
+    lo, hi = min(lods), max(lods)
+    r = [0.0 if hi == lo else (x - lo) / (hi - lo) * 2 * lam for x in lods]
+    mean = sum(r) / len(r)
+    return [min(max(1 - (x - mean + 1 - sparsity), 0.01), 0.99) for x in r]
 
 
 def _emitting(gen, emit):

@@ -13,7 +13,7 @@ import spaces
 import yaml
 
 from ebft_engine import ConfigError, EbftError, RunConfig, resume, run
-from ebft_engine.config import PRUNE_METHODS
+from ebft_engine.config import DSNOT_INITS, DSNOT_LAYERS, OWL_PREFIX, PRUNE_METHODS, RECOVERIES
 from ebft_engine.events import BlockFinished, EvalFinished, RunFinished
 
 from . import plots, policy, tables
@@ -68,7 +68,9 @@ def fill_from_preset(name: str, loaded: str) -> list[Any]:
 # ---- controls <-> config -------------------------------------------------------------------------------------
 CONTROL_FIELDS = ["model", "prune.method", "prune.pattern", "prune.sparsity", "calib.source", "calib.nsamples",
                   "calib.seqlen", "ebft.epochs", "ebft.lr", "ebft.batch_size", "eval.source", "eval.seqlen",
-                  "eval.windows", "baselines", "seed", "save_model"]
+                  "eval.windows", "baselines", "seed", "save_model", "recoveries", "prune.dsnot_init",
+                  "prune.dsnot_layers", "prune.owl_lambda", "prune.owl_m"]
+METHOD_CHOICES = list(PRUNE_METHODS) + [OWL_PREFIX + m for m in ("wanda", "sparsegpt", "magnitude", "dsnot")]
 
 
 def config_to_values(config: RunConfig) -> list[Any]:
@@ -97,6 +99,7 @@ def values_to_config(values: list[Any], base: RunConfig | None = None) -> RunCon
     if fields["prune.pattern"] != "unstructured":
         fields["prune.sparsity"] = None  # N:M fixes the sparsity
     fields["baselines"] = list(fields["baselines"] or [])
+    fields["recoveries"] = list(fields["recoveries"] or ["ebft"])
     fields["save_model"] = (fields["save_model"] or "").strip() or None
     base = base or RunConfig()
     return policy.check(base.with_overrides({**fields, "runs_dir": policy.runs_dir()}))
@@ -120,13 +123,15 @@ def outputs_for(view: RunView) -> tuple:
 
 
 def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
-              eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, request: gr.Request):
+              eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
+              dsnot_layers, owl_lambda, owl_m, request: gr.Request):
     """Generator behind Run: streams a few updates a second while the engine works, and the final state.
 
     The parameters follow CONTROL_FIELDS; ``request`` identifies the browser session, so Stop stops only it.
     """
     values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size, eval_source,
-              eval_seqlen, eval_windows, baselines, seed, save_model]
+              eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init, dsnot_layers,
+              owl_lambda, owl_m]
     session = getattr(request, "session_hash", None) or "local"
     view = RunView()
     try:
@@ -221,14 +226,16 @@ _steppers: dict[str, tuple[Any, RunView]] = {}
 
 
 def step_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
-             eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, request: gr.Request):
+             eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
+             dsnot_layers, owl_lambda, owl_m, request: gr.Request):
     """Generator behind Step: the first click starts a run; every click advances it by one block."""
     session = getattr(request, "session_hash", None) or "local"
     with _lock:
         stepper = _steppers.pop(session, None)
     if stepper is None:
         values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
-                  eval_source, eval_seqlen, eval_windows, baselines, seed, save_model]
+                  eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
+                  dsnot_layers, owl_lambda, owl_m]
         view = RunView()
         _close_paused_steppers()
         try:
@@ -413,10 +420,21 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
     model = gr.Dropdown(models, value=v["model"], allow_custom_value=True, label="Model",
                         info="a preset, or a hub id" + ("" if spaces else ", local folder or .gguf file"))
     with gr.Accordion("Pruning", open=True):
-        method = gr.Dropdown(list(PRUNE_METHODS), value=v["prune.method"], label="Method (EBFT starts from it)")
+        method = gr.Dropdown(METHOD_CHOICES, value=v["prune.method"], label="Method (EBFT starts from it)",
+                             info="owl-: OWL's outlier-weighted sparsity per block")
         pattern = gr.Dropdown(["unstructured", "2:4", "4:8"], value=v["prune.pattern"], label="Pattern")
         sparsity = gr.Slider(0.0, 0.95, value=v["prune.sparsity"], step=0.05, label="Sparsity (unstructured)")
-        baselines = gr.CheckboxGroup(list(PRUNE_METHODS), value=v["baselines"], label="Baselines to compare")
+        baselines = gr.CheckboxGroup(METHOD_CHOICES, value=v["baselines"], label="Baselines to compare")
+        recoveries = gr.CheckboxGroup(list(RECOVERIES), value=v["recoveries"], label="Recoveries",
+                                      info="ebft: target the dense block on the sparse inputs (the paper); "
+                                           "ebft-gp: the dense model's own stream")
+        with gr.Row():
+            dsnot_init = gr.Dropdown(list(DSNOT_INITS), value=v["prune.dsnot_init"], label="DSnoT refines")
+            dsnot_layers = gr.Dropdown(list(DSNOT_LAYERS), value=v["prune.dsnot_layers"], label="DSnoT layers",
+                                       info="attention: q, k, v, o only (the reference default)")
+        with gr.Row():
+            owl_lambda = gr.Number(v["prune.owl_lambda"], label="OWL λ (sparsity spread)")
+            owl_m = gr.Number(v["prune.owl_m"], label="OWL M (outlier threshold)")
     with gr.Accordion("Calibration", open=False):
         calib = gr.Dropdown(["self", "c4", "wikitext2"], value=v["calib.source"], allow_custom_value=not spaces,
                             label="Source", info="self: text the model writes itself" +
@@ -436,7 +454,7 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
         seed = gr.Number(v["seed"], precision=0, label="Seed")
         save = gr.Textbox(v["save_model"], label="Save the EBFT model to folder (optional)", visible=not spaces)
     return [model, method, pattern, sparsity, calib, nsamples, seqlen, epochs, lr, batch, eval_source, eval_seqlen,
-            eval_windows, baselines, seed, save]
+            eval_windows, baselines, seed, save, recoveries, dsnot_init, dsnot_layers, owl_lambda, owl_m]
 
 
 def main() -> None:

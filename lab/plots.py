@@ -54,7 +54,7 @@ def loss_bars(view: RunView) -> go.Figure:
 
 def ppl_bars(view: RunView) -> go.Figure:
     labels = list(view.ppl)
-    colors = ["#1c7ed6" if l == "dense" else ACCENT if l == "ebft" else "#adb5bd" for l in labels]
+    colors = ["#1c7ed6" if l == "dense" else ACCENT if l.startswith("ebft") else "#adb5bd" for l in labels]
     fig = go.Figure(go.Bar(x=labels, y=[view.ppl[l] for l in labels], marker_color=colors,
                            text=[f"{view.ppl[l]:.2f}" for l in labels], textposition="outside"))
     return _layout(fig, "Perplexity (lower is better)", "model", "perplexity")

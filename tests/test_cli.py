@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
 import sys
 
@@ -59,7 +60,10 @@ def _start_long_run(config, tmp_path):
     preset.write_text(config.with_overrides({"ebft.epochs": 2000}).to_yaml())
     proc = subprocess.Popen([sys.executable, "-m", "ebft_engine", "run", "--config", str(preset)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # a shell's background job starts with SIGINT ignored, and Python keeps it so: give
+                            # the child the default disposition, as a terminal would
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     deadline = time.time() + 120
     while time.time() < deadline:

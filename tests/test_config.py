@@ -24,7 +24,7 @@ from ebft_engine.config import PruneConfig
     ({"eval.windows": 0}, "eval.windows", "below 1"),
     ({"ebft.lr": 0}, "ebft.lr", "not above 0"),
     ({"ebft.epochs": 1.5}, "ebft.epochs", "not a whole number"),
-    ({"baselines": "wanda,dsnot"}, "baselines", "unknown method 'dsnot'"),
+    ({"baselines": "wanda,lora-ish"}, "baselines", "unknown method 'lora-ish'"),
     ({"device": "tpu"}, "device", "unknown device"),
     ({"dtype": "int8"}, "dtype", "unknown dtype"),
     ({"seed": -1}, "seed", "below 0"),

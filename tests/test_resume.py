@@ -156,3 +156,17 @@ def test_checkpoint_packing_is_exact():
     w[w.abs() < 0.7] = 0
     for t in (w, w.to(torch.bfloat16), w.to(torch.float16), torch.randn(17)):
         assert torch.equal(unpack(pack(t)), t)
+
+
+def test_owl_and_global_propagation_resume_to_the_same_result(four_block_config, tmp_path):
+    config = four_block_config.with_overrides({"baselines": "owl-wanda,dsnot", "recoveries": "ebft,ebft-gp"})
+    reference = list(run(config.with_overrides({"runs_dir": str(tmp_path / "reference")})))[-1].summary
+    run_dir = _kill_at(config, tmp_path, "block_started", "ebft-gp", "2")
+    summary = list(resume(run_dir))[-1].summary
+    assert summary["status"] == "finished"
+    assert summary["mask_sha256"] == reference["mask_sha256"]
+    assert summary["sparsity_profile"] == reference["sparsity_profile"]
+    for label, ppl in reference["ppl"].items():
+        assert summary["ppl"][label] == pytest.approx(ppl, rel=1e-3), label
+    assert [(b["label"], b["index"]) for b in summary["blocks"]] == [(b["label"], b["index"])
+                                                                      for b in reference["blocks"]]

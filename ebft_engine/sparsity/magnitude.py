@@ -8,5 +8,5 @@ from .registry import LayerStats, MaskResult, register
 
 
 @register("magnitude", description="largest |W| per matrix; needs no data")
-def magnitude(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm) -> MaskResult:
+def magnitude(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
     return MaskResult(select(weight.abs().float(), sparsity, nm, per_row=False))

@@ -17,10 +17,14 @@ class LayerStats:
     Attributes:
         input_norms: (in_features,) mean over sequences of the squared L2 norm of each input column (Wanda).
         hessian: (in_features, in_features) ``2/N Σ XᵀX`` in float32 (SparseGPT), N counted in sequences.
+        token_mean_sum: (in_features,) Σ over tokens of x_j divided by the number of sequences (DSnoT's μ̃).
+        token_var: (in_features,) population variance of x_j over all tokens (DSnoT).
     """
 
     input_norms: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    token_mean_sum: torch.Tensor | None = None
+    token_var: torch.Tensor | None = None
     _derived: dict = field(default_factory=dict, compare=False, repr=False)
 
     def derived(self, key: str, compute: Callable[[], object]):
@@ -39,18 +43,24 @@ class MaskResult:
 
 @dataclass(frozen=True)
 class PruneMethod:
+    """``fn(weight, stats, sparsity, nm, layer=name, cfg=prune_config)`` returns a MaskResult."""
+
     name: str
-    needs: frozenset[str]  # statistics the method reads: "input_norms", "hessian"
-    fn: Callable[[torch.Tensor, LayerStats, float, "tuple[int, int] | None"], MaskResult]
+    needs: frozenset[str]  # statistics the method reads: "input_norms", "hessian", "moments"
+    fn: Callable[..., MaskResult]
     description: str = ""
+    needs_for: Callable[[object], frozenset[str]] | None = None  # when the options change what it reads
+
+    def needs_with(self, cfg) -> frozenset[str]:
+        return self.needs_for(cfg) if self.needs_for is not None else self.needs
 
 
 _METHODS: dict[str, PruneMethod] = {}
 
 
-def register(name: str, needs: tuple[str, ...] = (), description: str = ""):
+def register(name: str, needs: tuple[str, ...] = (), description: str = "", needs_for=None):
     def wrap(fn):
-        _METHODS[name] = PruneMethod(name, frozenset(needs), fn, description)
+        _METHODS[name] = PruneMethod(name, frozenset(needs), fn, description, needs_for)
         return fn
 
     return wrap

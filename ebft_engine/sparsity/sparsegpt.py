@@ -86,7 +86,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 
 @register("sparsegpt", needs=("hessian",), description="OBS saliency with weight update")
-def sparsegpt(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm) -> MaskResult:
+def sparsegpt(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
     mask, new = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=True, factor=_factor(stats))
     return MaskResult(mask, new)
 
@@ -96,6 +96,6 @@ def _factor(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @register("sparsegpt-mask", needs=("hessian",), description="SparseGPT saliency, original weights (EBFT's copy)")
-def sparsegpt_mask(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm) -> MaskResult:
+def sparsegpt_mask(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
     mask, _ = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=False, factor=_factor(stats))
     return MaskResult(mask)

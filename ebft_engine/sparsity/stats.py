@@ -21,6 +21,9 @@ class StatsCollector:
         self.needs = needs
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
+        self.x_sum: dict[str, torch.Tensor] = {}  # float64 Σx and Σx² over tokens (DSnoT's moments)
+        self.x_sq_sum: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
         self.sequences = 0
         self._stats: dict[str, LayerStats] = {}
 
@@ -40,6 +43,11 @@ class StatsCollector:
         if "hessian" in self.needs:
             h = x.T @ x
             self.xtx[group] = self.xtx[group] + h if group in self.xtx else h
+        if "moments" in self.needs:
+            s1, s2 = x.sum(0, dtype=torch.float64), (x.double() ** 2).sum(0)
+            self.x_sum[group] = self.x_sum[group] + s1 if group in self.x_sum else s1
+            self.x_sq_sum[group] = self.x_sq_sum[group] + s2 if group in self.x_sq_sum else s2
+            self.tokens[group] = self.tokens.get(group, 0) + x.shape[0]
 
     @contextlib.contextmanager
     def attach(self, linears: dict[str, nn.Linear]) -> Iterator[StatsCollector]:
@@ -62,5 +70,12 @@ class StatsCollector:
             n = max(self.sequences, 1)
             norms = self.sq_norms[group] / n if group in self.sq_norms else None
             hessian = self.xtx[group] * (2.0 / n) if group in self.xtx else None
-            self._stats[group] = LayerStats(input_norms=norms, hessian=hessian)
+            mean_sum = var = None
+            if group in self.x_sum:
+                t = self.tokens[group]
+                mean = self.x_sum[group] / t
+                var = (self.x_sq_sum[group] / t - mean ** 2).clamp_min(0).float()
+                mean_sum = (self.x_sum[group] / n).float()
+            self._stats[group] = LayerStats(input_norms=norms, hessian=hessian, token_mean_sum=mean_sum,
+                                            token_var=var)
         return self._stats[group]

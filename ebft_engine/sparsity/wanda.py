@@ -13,5 +13,5 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
 
 
 @register("wanda", needs=("input_norms",), description="|W|·‖X‖ per output row")
-def wanda(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm) -> MaskResult:
+def wanda(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
     return MaskResult(select(wanda_scores(weight, stats.input_norms), sparsity, nm, per_row=True))
