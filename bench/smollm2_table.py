@@ -1,5 +1,7 @@
-"""The comparison table on SmolLM2-135M: dense, magnitude, Wanda, SparseGPT and EBFT (from Wanda's masks)
-at 50% and 70% unstructured and at 2:4, with each phase's wall time.
+"""The comparison table on SmolLM2-135M: dense, magnitude, Wanda, SparseGPT, DSnoT (refining Wanda, attention
+layers: the reference default), OWL+Wanda, EBFT and EBFT-GP (both from Wanda's masks) at 50% and 70%
+unstructured and at 2:4 (no OWL there: it allocates unstructured sparsity), and LoRA (adapters kept, and merged
+then re-masked) trained for EBFT's wall-clock time, with each phase's wall time.
 
     python bench/smollm2_table.py [--epochs 5] [--lr 3e-3] [--out bench/results/smollm2_table.md]
 
@@ -23,7 +25,8 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SETTINGS = [("50%", {"sparsity": 0.5, "pattern": "unstructured"}),
             ("70%", {"sparsity": 0.7, "pattern": "unstructured"}),
             ("2:4", {"pattern": "2:4"})]
-LABELS = ["dense", "magnitude", "wanda", "sparsegpt", "ebft"]
+LABELS = ["dense", "magnitude", "wanda", "sparsegpt", "dsnot", "owl-wanda", "lora", "lora-merged", "ebft", "ebft-gp"]
+BASELINES = ["magnitude", "wanda", "sparsegpt", "dsnot", "owl-wanda"]
 
 
 def main() -> None:
@@ -33,6 +36,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--lora-lr", type=float, default=1e-4)
     parser.add_argument("--runs-dir", default=str(ROOT / "runs"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "smollm2_table.md"))
     args = parser.parse_args()
@@ -42,8 +46,11 @@ def main() -> None:
             "model": "smollm2-135m", "prune": {"method": "wanda", **prune},
             "calib": {"source": "self", "nsamples": args.nsamples, "seqlen": args.seqlen},
             "ebft": {"epochs": args.epochs, "lr": args.lr, "batch_size": 8},
+            "lora": {"lr": args.lora_lr},
             "eval": {"source": f"file:{WIKITEXT}", "seqlen": 1024, "windows": args.windows},
-            "baselines": ["magnitude", "wanda", "sparsegpt"], "runs_dir": args.runs_dir,
+            "baselines": [b for b in BASELINES if not (b.startswith("owl-") and "pattern" in prune
+                                                       and prune["pattern"] != "unstructured")],
+            "recoveries": ["ebft", "lora", "ebft-gp"], "runs_dir": args.runs_dir,
         })
         t = time.perf_counter()
         for event in run(config):
@@ -67,23 +74,26 @@ def render(results: dict, args) -> str:
     lines = [f"Perplexity, SmolLM2-135M-Instruct (embedded GGUF, dequantised to float32; bf16 autocast on CPU). "
              f"Eval: {ev['description']}, seqlen {ev['seqlen']}, first {ev['windows']} of {ev['total_windows']} "
              f"windows (partial, {ev['tokens']} tokens). Calibration: {cal['source']}, {cal['nsamples']} × "
-             f"{cal['seqlen']} tokens. EBFT from Wanda's masks: {args.epochs} epochs, lr {args.lr:g}, batch 8, "
-             "weight decay 0.1.", "",
+             f"{cal['seqlen']} tokens. EBFT and EBFT-GP from Wanda's masks: {args.epochs} epochs, lr {args.lr:g}, "
+             "batch 8, weight decay 0.1. LoRA from Wanda's masks: rank 8, α 16, q_proj and v_proj, lr "
+             f"{args.lora_lr:g}, trained for EBFT's wall-clock time in the same run; lora keeps the adapters beside "
+             "the sparse weights, lora-merged merges them and re-applies the masks. DSnoT refines Wanda's masks in "
+             "q, k, v, o (the reference default); OWL: λ 0.08, M 5. '-': not applicable.", "",
              "| setting | " + " | ".join(LABELS) + " | EBFT vs Wanda |", "|---|" + "---:|" * (len(LABELS) + 1)]
     for name, s in results.items():
         ppl = s["ppl"]
-        lines.append(f"| {name} | " + " | ".join(f"{ppl[k]:.2f}" for k in LABELS)
+        lines.append(f"| {name} | " + " | ".join(f"{ppl[k]:.2f}" if k in ppl else "-" for k in LABELS)
                      + f" | {100 * (ppl['ebft'] / ppl['wanda'] - 1):+.1f}% |")
+    phases = ["prune:" + b for b in BASELINES] + ["ebft:ebft", "lora:lora", "ebft:ebft-gp"]
     lines += ["", "Wall time per phase (seconds, 2 CPU cores):", "",
-              "| setting | load | data | eval (each) | magnitude | wanda | sparsegpt | ebft | total |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| setting | load | data | eval (each) | " + " | ".join(p.split(":")[1] for p in phases) + " | total |",
+              "|---|" + "---:|" * (len(phases) + 4)]
     for name, s in results.items():
         sec = s["seconds"]
         evals = [v for k, v in sec.items() if k.startswith("eval:")]
         lines.append(f"| {name} | {sec.get('load', 0):.0f} | {sec.get('data', 0):.0f} | "
-                     f"{sum(evals) / len(evals):.0f} | {sec.get('prune:magnitude', 0):.0f} | "
-                     f"{sec.get('prune:wanda', 0):.0f} | {sec.get('prune:sparsegpt', 0):.0f} | "
-                     f"{sec.get('ebft:ebft', 0):.0f} | {sec['total']:.0f} |")
+                     f"{sum(evals) / len(evals):.0f} | "
+                     + " | ".join(f"{sec[p]:.0f}" if p in sec else "-" for p in phases) + f" | {sec['total']:.0f} |")
     lines += ["", "Measured sparsity over the pruned linear layers: "
               + "; ".join(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in s["actual_sparsity"].items())
                           for name, s in results.items())]

@@ -33,13 +33,20 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--lr": ("ebft.lr", float, "EBFT learning rate"),
     "--batch-size": ("ebft.batch_size", int, "EBFT batch size (sequences)"),
     "--weight-decay": ("ebft.weight_decay", float, "AdamW weight decay"),
+    "--lora-rank": ("lora.rank", int, "LoRA rank"),
+    "--lora-alpha": ("lora.alpha", float, "LoRA scale alpha"),
+    "--lora-targets": ("lora.targets", str, "auto (q_proj,v_proj) or comma-separated projections for adapters"),
+    "--lora-lr": ("lora.lr", float, "LoRA learning rate"),
+    "--lora-epochs": ("lora.epochs", int, "LoRA epochs, when --lora-budget epochs"),
+    "--lora-budget": ("lora.budget", str, "ebft: train for EBFT's wall-clock time in this run (fair); or epochs"),
     "--eval": ("eval.source", str, "evaluation data: wikitext2, c4, ptb or file:PATH"),
     "--eval-seqlen": ("eval.seqlen", int, "tokens per evaluation window (default: context, at most 2048)"),
     "--eval-windows": ("eval.windows", int, "evaluate the first N windows only (reported as partial)"),
     "--baselines": ("baselines", str, f"comma-separated pruned-only baselines, from {', '.join(PRUNE_METHODS)} "
                                       "and owl-<method>"),
     "--recoveries": ("recoveries", str, "comma-separated recoveries from --method's masks: ebft (the paper's "
-                                        "target), ebft-gp (the dense model's stream as target)"),
+                                        "target), ebft-gp (the dense model's stream as target), lora (also "
+                                        "reports lora-merged)"),
     "--device": ("device", str, f"{', '.join(DEVICES)} or cuda:N"),
     "--dtype": ("dtype", str, f"weights dtype: {', '.join(DTYPES)}"),
     "--activations": ("activations", str, "where calibration activations live on a GPU: auto (the memory planner "

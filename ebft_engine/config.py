@@ -36,7 +36,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ACTIVATIONS = ("auto", "device", "host")
 # How the pruned model is recovered from --method's masks: EBFT with the dense block on the sparse inputs as its
 # target (the paper), or ebft-gp, with the dense model's own stream (global propagation, REFERENCE.md §7).
-RECOVERIES = ("ebft", "ebft-gp")  # where calibration activations live on a GPU run
+RECOVERIES = ("ebft", "ebft-gp", "lora")  # lora also reports lora-merged
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # where calibration activations live on a GPU run
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -153,6 +154,46 @@ class EbftConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA recovery with peft (REFERENCE.md §2, §6): adapters on the projections, the sparse weights frozen,
+    trained on the calibration tokens with the language-model loss.
+
+    ``targets: auto`` is q_proj,v_proj (Wanda's recipe for unstructured and N:M sparsity). ``budget: ebft``
+    trains for the wall-clock time EBFT took in the same run (a fair comparison; EBFT must run first), else
+    ``epochs`` epochs.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str = "auto"
+    lr: float = 1e-4
+    epochs: int = 2
+    batch_size: int = 4
+    budget: str = "ebft"
+
+    def __post_init__(self):
+        _check_int("lora.rank", self.rank, 1, "use a rank of at least 1, e.g. 8")
+        _check_float("lora.alpha", self.alpha, 0, "use a positive scale such as 16", strict=True)
+        _check_float("lora.dropout", self.dropout, 0, "use a dropout in [0, 1), e.g. 0.05")
+        if self.dropout >= 1:
+            raise ConfigError("lora.dropout", f"{self.dropout:g} is not below 1", "use e.g. 0.05")
+        _check_float("lora.lr", self.lr, 0, "use a positive learning rate such as 1e-4", strict=True)
+        _check_int("lora.epochs", self.epochs, 1, "use at least 1 epoch")
+        _check_int("lora.batch_size", self.batch_size, 1, "use a batch size of at least 1")
+        if self.budget not in ("ebft", "epochs"):
+            raise ConfigError("lora.budget", f"{self.budget!r} is not ebft or epochs",
+                              "use ebft (EBFT's wall-clock time in the same run) or epochs")
+        if not isinstance(self.targets, str) or not (self.targets == "auto" or all(
+                t.strip() in LORA_TARGETS for t in self.targets.split(","))):
+            raise ConfigError("lora.targets", f"{self.targets!r} is not auto or a list of projections",
+                              f"use auto or a comma-separated subset of {', '.join(LORA_TARGETS)}")
+
+    def target_modules(self) -> list[str]:
+        return ["q_proj", "v_proj"] if self.targets == "auto" else [t.strip() for t in self.targets.split(",")]
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Perplexity protocol: non-overlapping windows of ``seqlen`` tokens; ``windows`` limits to the first N.
 
@@ -181,6 +222,7 @@ class RunConfig:
     prune: PruneConfig = field(default_factory=PruneConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     ebft: EbftConfig = field(default_factory=EbftConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     baselines: tuple[str, ...] = ()
     recoveries: tuple[str, ...] = ("ebft",)
@@ -298,7 +340,8 @@ def _check_float(name: str, value: Any, minimum: float, fix: str, strict: bool =
         raise ConfigError(name, f"{value:g} is {'not above' if strict else 'below'} {minimum:g}", fix)
 
 
-_SECTIONS = {"prune": PruneConfig, "calib": CalibConfig, "ebft": EbftConfig, "eval": EvalConfig}
+_SECTIONS = {"prune": PruneConfig, "calib": CalibConfig, "ebft": EbftConfig, "lora": LoraConfig,
+             "eval": EvalConfig}
 
 
 def _coerce(name: str, value: Any, annotation: str) -> Any:

@@ -30,6 +30,7 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
                      RunFinished, RunStarted)
 from .evaluate import perplexity
 from .finetune import finetune_block
+from .finetune.lora import lora_adapters, merge_and_remask, train_lora
 from .models import FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
 from .planner import GiB, MemoryPlan, capacities, plan_memory, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
@@ -168,6 +169,7 @@ class _Run:
         self.sparsity: dict[str, float] = dict(prev.get("actual_sparsity") or {})
         self.masks: dict[str, str] = dict(prev.get("mask_sha256") or {})
         self.profiles: dict[str, list[float]] = dict(prev.get("sparsity_profile") or {})
+        self.lora_info: dict[str, Any] = dict(prev.get("lora") or {})
         self.blocks: list[dict[str, Any]] = list(prev.get("blocks") or [])
         self.eval_info: dict[str, Any] = {}
         self.calib_info: dict[str, Any] = {}
@@ -191,14 +193,18 @@ class _Run:
         yield from self._data()
         if "dense" not in self.ppl:  # a resumed run keeps every number it had already measured
             yield from self._evaluate("dense")
-        variants = [(b, b, False) for b in cfg.baselines]
-        if cfg.ebft.epochs > 0:
-            variants += [(r, cfg.prune.method, True) for r in cfg.recoveries]
-        elif cfg.prune.method not in cfg.baselines:
-            variants.append((cfg.prune.method, cfg.prune.method, False))
+        variants = [(b, b, "prune") for b in cfg.baselines]
+        recover = [r for r in cfg.recoveries if r == "lora" or cfg.ebft.epochs > 0]
+        variants += [(r, cfg.prune.method, r) for r in recover]
+        if not recover and cfg.prune.method not in cfg.baselines:
+            variants.append((cfg.prune.method, cfg.prune.method, "prune"))
+
+        def done(label: str) -> bool:
+            return label in self.ppl and (label != "lora" or "lora-merged" in self.ppl)
+
         # Variants still to do; the last one again when the model is to be saved, restored from its checkpoint.
         todo = [v for k, v in enumerate(variants)
-                if v[0] not in self.ppl or (cfg.save_model and k == len(variants) - 1)]
+                if not done(v[0]) or (cfg.save_model and k == len(variants) - 1)]
         if self.dense is None and len(todo) > 1:  # a large model: restore from its files, else keep a copy
             self.dense = FileBackedBlocks.find(self.source, self.model)
             if self.dense is None:
@@ -207,10 +213,13 @@ class _Run:
                 yield self.emit(Notice("warning", f"the model has no local safetensors files to restore its dense "
                                                   f"blocks from between variants: keeping a {gib:.1f} GiB copy in "
                                                   "host memory instead"))
-        for k, (label, method, train) in enumerate(todo):
+        for k, (label, method, kind) in enumerate(todo):
             if k > 0:
                 restore_blocks(self.model, self.dense)
-            yield from self._block_loop(label, method, train, gp=label == "ebft-gp")
+            if kind == "lora":
+                yield from self._lora(method)
+                continue
+            yield from self._block_loop(label, method, kind != "prune", gp=kind == "ebft-gp")
             if label not in self.ppl:
                 yield from self._evaluate(label)
         self.dense = None
@@ -511,6 +520,42 @@ class _Run:
                 out[start:start + INFER_BATCH] = y.to(out.dtype).to(out.device)
         return out, (sq / count if count else None)
 
+    def _lora(self, method: str) -> Iterator[Event]:
+        """LoRA recovery from ``method``'s masks: prune (checkpointed like any variant), train adapters on the
+        calibration tokens, evaluate with the adapters beside the sparse weights (lora), then merged and
+        re-masked (lora-merged)."""
+        cfg = self.config.lora
+        yield from self._block_loop("lora", method, False)
+        budget = self.seconds.get("ebft:ebft") if cfg.budget == "ebft" else None
+        if cfg.budget == "ebft" and budget is None:
+            yield self.emit(Notice("warning", "lora.budget is ebft but EBFT did not run first in this run: LoRA "
+                                              f"trains for {cfg.epochs} epochs instead"))
+        self.where = "the LoRA training"
+        yield self.emit(PhaseStarted("lora", "lora"))
+        t = time.perf_counter()
+        with lora_adapters(self.model, cfg) as peft_model:
+            gen = train_lora(peft_model, self.calib_ids, cfg, self.precision, seed=self.config.seed,
+                             budget_seconds=budget, cancelled=self.cancelled)
+            result = yield from _emitting(gen, self.emit)
+            self.lora_info = {"steps": result.steps, "epochs": round(result.epochs, 2),
+                              "seconds": round(result.seconds, 1), "adapter_params": result.adapter_params,
+                              "targets": cfg.target_modules(), "rank": cfg.rank, "alpha": cfg.alpha,
+                              "budget": "ebft's time" if budget else f"{cfg.epochs} epochs",
+                              "first_loss": result.first_loss, "last_loss": result.last_loss}
+            yield self.emit(Notice("info", f"LoRA: {result.steps} steps ({result.epochs:.2f} epochs) in "
+                                           f"{result.seconds:.0f} s, {result.adapter_params:,} adapter parameters, "
+                                           f"loss {result.first_loss:.3f} -> {result.last_loss:.3f}"
+                                   if result.steps else "LoRA: no training step fitted in the budget"))
+            yield self.emit(self._phase_done("lora", "lora", t))
+            if "lora" not in self.ppl:
+                yield from self._evaluate("lora")
+            merge_and_remask(peft_model)
+        zeros, total = _count_zeros({f"{i}.{n}": l for i, b in enumerate(self.adapter.blocks)
+                                     for n, l in self.adapter.linears(b).items()})
+        self.sparsity["lora-merged"] = zeros / total
+        if "lora-merged" not in self.ppl:
+            yield from self._evaluate("lora-merged")
+
     def _embed_calibration(self) -> torch.Tensor:
         p = self.precision
         with torch.no_grad():
@@ -586,6 +631,7 @@ class _Run:
             "run_id": self.record.dir.name, "status": status, "model": self.config.model,
             "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity),
             "mask_sha256": dict(self.masks), "sparsity_profile": dict(self.profiles), "blocks": list(self.blocks),
+            "lora": dict(self.lora_info),
             "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
             "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
                                                  "compute": _name(p.compute)},

@@ -223,6 +223,16 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
             phases.append(PhasePlan("ebft", 0, base + ebft_acts + train - pb * 4 * (sb == 4) + float_copy
                                     + host_extra, {"training state": state, "autograd": saved + backward,
                                                    "activations": ebft_acts}))
+    if "lora" in cfg.recoveries:
+        # end to end: the whole model on the device, every block's saved activations for one batch, the
+        # logits over the vocabulary (and their float32 copy and gradient), adapters with AdamW state
+        tokens = cfg.lora.batch_size * cfg.calib.seqlen
+        saved = autocast * tokens * (30 * h + 8 * f + 4 * kv) * s.layers
+        logits = tokens * s.vocab * (2 + 4 + 4)
+        adapters = s.layers * cfg.lora.rank * 4 * (h + h) * 4  # a generous bound: four projections' A and B
+        lora = saved + logits + tokens * (12 * f + 8 * h) + adapters * 4
+        phases.append(PhasePlan("lora", model + lora if on_gpu else 0, base + (0 if on_gpu else lora),
+                                {"autograd": saved, "logits": logits}))
     return phases
 
 

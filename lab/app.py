@@ -69,7 +69,7 @@ def fill_from_preset(name: str, loaded: str) -> list[Any]:
 CONTROL_FIELDS = ["model", "prune.method", "prune.pattern", "prune.sparsity", "calib.source", "calib.nsamples",
                   "calib.seqlen", "ebft.epochs", "ebft.lr", "ebft.batch_size", "eval.source", "eval.seqlen",
                   "eval.windows", "baselines", "seed", "save_model", "recoveries", "prune.dsnot_init",
-                  "prune.dsnot_layers", "prune.owl_lambda", "prune.owl_m"]
+                  "prune.dsnot_layers", "prune.owl_lambda", "prune.owl_m", "lora.rank", "lora.lr", "lora.budget"]
 METHOD_CHOICES = list(PRUNE_METHODS) + [OWL_PREFIX + m for m in ("wanda", "sparsegpt", "magnitude", "dsnot")]
 
 
@@ -94,7 +94,7 @@ def values_to_config(values: list[Any], base: RunConfig | None = None) -> RunCon
     fields = dict(zip(CONTROL_FIELDS, values))
     fields["eval.windows"] = _whole(fields["eval.windows"]) or None
     fields["eval.seqlen"] = _whole(fields["eval.seqlen"]) or None
-    for name in ("calib.nsamples", "calib.seqlen", "ebft.epochs", "ebft.batch_size", "seed"):
+    for name in ("calib.nsamples", "calib.seqlen", "ebft.epochs", "ebft.batch_size", "seed", "lora.rank"):
         fields[name] = _whole(fields[name])
     if fields["prune.pattern"] != "unstructured":
         fields["prune.sparsity"] = None  # N:M fixes the sparsity
@@ -124,14 +124,15 @@ def outputs_for(view: RunView) -> tuple:
 
 def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
               eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
-              dsnot_layers, owl_lambda, owl_m, request: gr.Request):
+              dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget,
+              request: gr.Request):
     """Generator behind Run: streams a few updates a second while the engine works, and the final state.
 
     The parameters follow CONTROL_FIELDS; ``request`` identifies the browser session, so Stop stops only it.
     """
     values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size, eval_source,
               eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init, dsnot_layers,
-              owl_lambda, owl_m]
+              owl_lambda, owl_m, lora_rank, lora_lr, lora_budget]
     session = getattr(request, "session_hash", None) or "local"
     view = RunView()
     try:
@@ -227,7 +228,8 @@ _steppers: dict[str, tuple[Any, RunView]] = {}
 
 def step_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
              eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
-             dsnot_layers, owl_lambda, owl_m, request: gr.Request):
+             dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget,
+             request: gr.Request):
     """Generator behind Step: the first click starts a run; every click advances it by one block."""
     session = getattr(request, "session_hash", None) or "local"
     with _lock:
@@ -235,7 +237,7 @@ def step_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, e
     if stepper is None:
         values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
                   eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
-                  dsnot_layers, owl_lambda, owl_m]
+                  dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget]
         view = RunView()
         _close_paused_steppers()
         try:
@@ -445,6 +447,11 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
         epochs = gr.Number(v["ebft.epochs"], precision=0, label="Epochs per block")
         lr = gr.Number(v["ebft.lr"], label="Learning rate")
         batch = gr.Number(v["ebft.batch_size"], precision=0, label="Batch size")
+    with gr.Accordion("LoRA (when chosen under Recoveries)", open=False):
+        lora_rank = gr.Number(v["lora.rank"], precision=0, label="Rank")
+        lora_lr = gr.Number(v["lora.lr"], label="Learning rate")
+        lora_budget = gr.Dropdown(["ebft", "epochs"], value=v["lora.budget"], label="Budget",
+                                  info="ebft: the same wall-clock time as EBFT in this run")
     with gr.Accordion("Evaluation", open=False):
         eval_source = gr.Dropdown(["wikitext2", "c4", "ptb"], value=v["eval.source"], allow_custom_value=not spaces,
                                   label="Source")
@@ -454,7 +461,8 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
         seed = gr.Number(v["seed"], precision=0, label="Seed")
         save = gr.Textbox(v["save_model"], label="Save the EBFT model to folder (optional)", visible=not spaces)
     return [model, method, pattern, sparsity, calib, nsamples, seqlen, epochs, lr, batch, eval_source, eval_seqlen,
-            eval_windows, baselines, seed, save, recoveries, dsnot_init, dsnot_layers, owl_lambda, owl_m]
+            eval_windows, baselines, seed, save, recoveries, dsnot_init, dsnot_layers, owl_lambda, owl_m, lora_rank,
+            lora_lr, lora_budget]
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ class RunView:
     total_blocks: int = 0
     train_label: str = ""  # the label whose steps are being plotted (ebft)
     steps: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # block -> [(step, loss)]
+    model_steps: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # lora: [(step, LM loss)]
     initial: dict[int, float] = field(default_factory=dict)
     final: dict[int, float] = field(default_factory=dict)
     ppl: dict[str, float] = field(default_factory=dict)
@@ -47,6 +48,8 @@ class RunView:
             self.phase_seconds[key] = event.seconds
         elif isinstance(event, BlockStarted):
             self.block, self.total_blocks = event.block, event.total
+        elif isinstance(event, StepLoss) and event.block < 0:  # LoRA trains the whole model: its own curve
+            self.model_steps.setdefault(event.label, []).append((event.step, event.loss))
         elif isinstance(event, StepLoss):
             if event.label != self.train_label:
                 self.train_label, self.steps, self.initial, self.final = event.label, {}, {}, {}
@@ -80,6 +83,9 @@ class RunView:
         if self.status != "running":
             return self.status
         text = self.phase if self.phase_label in ("", self.phase) else f"{self.phase} {self.phase_label}"
+        if self.phase == "lora" and self.model_steps.get(self.phase_label):
+            step, loss = self.model_steps[self.phase_label][-1]
+            text += f": step {step}, language-model loss {loss:.3f}"
         if self.block is not None and self.total_blocks:
             text += f": block {self.block + 1} of {self.total_blocks}"
             if self.block_seconds:

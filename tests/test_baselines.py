@@ -90,3 +90,63 @@ def test_one_run_compares_dsnot_owl_ebft_and_ebft_gp(tiny_run_config):
     assert rows[("ebft", 0)]["initial_loss"] == pytest.approx(rows[("ebft-gp", 0)]["initial_loss"])
     assert rows[("ebft", 1)]["initial_loss"] != pytest.approx(rows[("ebft-gp", 1)]["initial_loss"])
     assert all(r["final_loss"] < r["initial_loss"] for r in rows.values())
+
+
+def test_lora_recovery_reports_adapters_and_the_merged_remasked_model(tiny_run_config):
+    from torch import nn
+
+    from ebft_engine.models import _CACHE
+
+    config = tiny_run_config.with_overrides({"recoveries": "ebft,lora", "lora.lr": 1e-2, "lora.budget": "epochs",
+                                             "lora.epochs": 6, "lora.targets": "q_proj,v_proj,down_proj"})
+    summary = list(run(config))[-1].summary
+    assert summary["status"] == "finished"
+    assert list(summary["ppl"]) == ["dense", "ebft", "lora", "lora-merged"]
+    lora = summary["lora"]
+    h, kv, f, r, blocks = 64, 32, 128, 8, 2  # the tiny model: q (h->h), v (h->kv), down (f->h), two blocks
+    assert lora["adapter_params"] == blocks * r * ((h + h) + (h + kv) + (f + h))
+    assert lora["steps"] == 6 * (8 // 4) and lora["last_loss"] < lora["first_loss"]
+    assert summary["actual_sparsity"]["lora"] == pytest.approx(0.5)
+    assert summary["actual_sparsity"]["lora-merged"] == pytest.approx(0.5)  # re-masked after the merge
+    assert summary["ppl"]["lora"] != summary["ppl"]["lora-merged"]
+    # the cached model is a plain model again, ready for the next run
+    (model, _tok, _dense), = _CACHE.values()
+    assert all(type(m) is nn.Linear for m in model.model.layers[0].self_attn.children() if isinstance(m, nn.Module))
+    assert not any("lora_" in name for name, _ in model.named_parameters())
+    again = list(run(tiny_run_config.with_overrides({"ebft.epochs": 0})))[-1].summary
+    assert again["ppl"]["dense"] == pytest.approx(summary["ppl"]["dense"], rel=1e-9)
+
+
+def test_lora_matches_ebfts_wall_clock_by_default(tiny_run_config):
+    summary = list(run(tiny_run_config.with_overrides({"recoveries": "ebft,lora"})))[-1].summary
+    ebft_seconds, lora = summary["seconds"]["ebft:ebft"], summary["lora"]
+    assert lora["budget"] == "ebft's time"
+    assert lora["seconds"] <= ebft_seconds * 1.5 + 1.0  # stops at the first step past EBFT's time
+
+
+def test_merge_and_remask_keeps_pruned_weights_zero():
+    from torch import nn
+
+    from ebft_engine.config import LoraConfig
+    from ebft_engine.finetune.lora import lora_adapters, merge_and_remask
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(8, 8, bias=False)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    model = Tiny()
+    with torch.no_grad():
+        model.q_proj.weight[:, :4] = 0
+    pruned = model.q_proj.weight.clone()
+    with lora_adapters(model, LoraConfig(targets="q_proj")) as peft_model:
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                torch.nn.init.normal_(p)
+        merge_and_remask(peft_model)
+    w = model.q_proj.weight
+    assert type(model.q_proj) is nn.Linear
+    assert bool((w[:, :4] == 0).all()) and not torch.equal(w[:, 4:], pruned[:, 4:])

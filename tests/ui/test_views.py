@@ -82,3 +82,14 @@ def test_empty_view_renders():
 def test_throttle():
     t = Throttle(interval=60)
     assert t.ready() and not t.ready() and t.ready(force=True)
+
+
+def test_lora_steps_do_not_mix_with_block_curves():
+    from ebft_engine.events import PhaseStarted, StepLoss
+    from lab.state import fold
+
+    view = fold([StepLoss("ebft", 0, 1, 2, 0.5, 1e-3), PhaseStarted("lora", "lora"),
+                 StepLoss("lora", -1, 1, 9, 3.2, 1e-4), StepLoss("lora", -1, 2, 9, 3.1, 1e-4)])
+    view.status = "running"
+    assert list(view.steps) == [0] and view.model_steps["lora"] == [(1, 3.2), (2, 3.1)]
+    assert "step 2, language-model loss 3.100" in view.progress

@@ -1,0 +1,134 @@
+"""LoRA recovery (REFERENCE.md §2, §6) with peft: low-rank adapters on the chosen projections of a pruned model,
+its sparse weights frozen, trained end to end on the calibration tokens with the language-model loss.
+
+Two models come out of one training: the model with its adapters beside the sparse weights (``lora``: the
+sparsity is intact, the adapter parameters are extra), and the adapters merged into the weights and the
+pruning masks applied again (``lora-merged``: a plain sparse model, at the cost of what the re-masking
+removes). The learning rate warms up over the first 10% of the budget (at most 100 steps) and then decays
+linearly to zero; the budget is a number of epochs, or a wall-clock time (EBFT's, for a fair comparison),
+in which case the schedule follows the fraction of the time used.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from ..config import LoraConfig
+from ..device import Precision
+from ..errors import Cancelled
+from ..events import StepLoss
+
+MAX_EPOCHS_FOR_A_TIME_BUDGET = 1000
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class LoraResult:
+    steps: int
+    epochs: float
+    seconds: float
+    adapter_params: int
+    first_loss: float | None
+    last_loss: float | None
+
+
+@contextlib.contextmanager
+def lora_adapters(model: nn.Module, cfg: LoraConfig):
+    """Inject adapters into ``model`` in place (its modules gain LoRA wrappers); yield the peft model. On exit
+    every wrapper is removed again (merged or not, see :func:`merge_and_remask`), whatever happened."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                      target_modules=cfg.target_modules(), bias="none"))
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()  # back to plain nn.Linear modules (after a merge, with the merged weights)
+        model.requires_grad_(False)
+        model.eval()
+
+
+def adapter_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+
+
+def train_lora(peft_model: nn.Module, ids: torch.Tensor, cfg: LoraConfig, precision: Precision, *, seed: int,
+               budget_seconds: float | None, cancelled: Callable[[], bool] = lambda: False,
+               label: str = "lora") -> Iterator[StepLoss]:
+    """Train the adapters on (n, seq) token ids; yields a StepLoss per step (block -1: the whole model) and
+    returns a LoraResult. With ``budget_seconds`` it trains until that much time is used (whole epochs or not)."""
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
+    n = ids.shape[0]
+    steps_per_epoch = max(n // cfg.batch_size, 1)
+    epochs = MAX_EPOCHS_FOR_A_TIME_BUDGET if budget_seconds else cfg.epochs
+    total_steps = epochs * steps_per_epoch
+    warmup = min(100, max(1, total_steps // 10)) if not budget_seconds else None
+    generator = torch.Generator().manual_seed(seed)
+    device = precision.device
+    peft_model.to(device)
+    peft_model.train()
+    start = time.perf_counter()
+    step, first, last = 0, None, None
+    try:
+        for _epoch in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for b in range(steps_per_epoch):
+                if cancelled():
+                    raise Cancelled()
+                used = time.perf_counter() - start
+                if budget_seconds and used >= budget_seconds:
+                    raise _OutOfTime()
+                progress = used / budget_seconds if budget_seconds else step / total_steps
+                warm = 0.1 if budget_seconds else warmup / total_steps
+                scale = progress / warm if progress < warm else max(0.0, (1 - progress) / (1 - warm))
+                scale = max(scale, 1e-3)  # the first step moves too
+                for group in optimizer.param_groups:
+                    group["lr"] = cfg.lr * scale
+                batch = ids[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]].to(device)
+                with precision.autocast():
+                    loss = peft_model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    continue  # skip a bad batch; the adapters start at zero, so nothing is lost
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                last = float(loss.detach())
+                first = last if first is None else first
+                yield StepLoss(label=label, block=-1, step=step,
+                               total_steps=step + 1 if budget_seconds else total_steps, loss=last,
+                               lr=cfg.lr * scale)
+    except _OutOfTime:
+        pass
+    finally:
+        peft_model.eval()
+        for p in params:
+            p.grad = None
+        peft_model.to("cpu")
+    seconds = time.perf_counter() - start
+    return LoraResult(steps=step, epochs=step / steps_per_epoch, seconds=seconds,
+                      adapter_params=adapter_parameters(peft_model), first_loss=first, last_loss=last)
+
+
+@torch.no_grad()
+def merge_and_remask(peft_model: nn.Module) -> None:
+    """Merge every adapter into its weight, then zero the weights the mask had pruned (one layer at a time)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            mask = base.weight != 0
+            module.merge()
+            base.weight.mul_(mask)
