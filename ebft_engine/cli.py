@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a killed, cancelled or failed run in its folder, from its last finished block "
                         "(with its own settings: no other run flags)")
     r.add_argument("--quiet", action="store_true", help="no progress bar; print the table only")
+    g = sub.add_parser("grid", help="methods x sparsities x recoveries in one command, one table out",
+                       description="One run per (sparsity, method), each with the recoveries; writes OUT.csv and "
+                                   "OUT.md. Other flags override the preset for every run.")
+    g.add_argument("--config", help="YAML preset")
+    g.add_argument("--methods", required=True, help="comma-separated pruning methods, e.g. magnitude,wanda,sparsegpt")
+    g.add_argument("--sparsities", required=True, help="comma-separated fractions and N:M patterns, e.g. 0.5,0.7,2:4")
+    g.add_argument("--out", default="grid", help="table path without extension (default: grid -> grid.csv, grid.md)")
+    for flag, (_field, _type, help_text) in FLAGS.items():
+        if flag not in ("--method", "--sparsity", "--pattern", "--baselines"):
+            g.add_argument(flag, help=help_text)
     return parser
 
 
@@ -79,7 +89,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     base = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     overrides: dict[str, Any] = {}
     for flag, (field, _type, _help) in FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
+        value = getattr(args, flag[2:].replace("-", "_"), None)
         if value is not None:
             overrides[field] = value
     return base.with_overrides(overrides) if overrides else base
@@ -87,6 +97,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "grid":
+        return grid_and_print(args, out)
     if args.resume:
         allowed = {"--batch-size", "--activations"}  # how the remaining blocks fit in memory (RESUME_OVERRIDES)
         given = [flag for flag in ["--config", *FLAGS] if getattr(args, flag[2:].replace("-", "_")) is not None]
@@ -134,6 +146,57 @@ def run_and_print(config: RunConfig | None, quiet: bool = False, out: TextIO = s
     if finished is None:
         return 1
     return {"finished": 0, "cancelled": 130}.get(finished.status, 1)
+
+
+def grid_and_print(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    from . import grid
+
+    cancel = threading.Event()
+    try:
+        base = config_from_args(args)
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        settings = [x.strip() for x in args.sparsities.split(",") if x.strip()]
+        events = grid.run_grid(base, methods, settings, cancel.is_set)
+        first = next(events)  # every cell's config is checked before the first run starts
+    except EbftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results: dict = {}
+    statuses = []
+    total = len(methods) * len(settings)
+    try:
+        for cell, event in _chain(first, events):
+            if isinstance(event, RunStarted):
+                print(f"[{len(statuses) + 1}/{total}] sparsity {cell.setting}, {cell.method} -> {event.run_dir}",
+                      file=out, flush=True)
+            elif isinstance(event, Notice) and event.level != "info":
+                print(f"   [{event.level}] {event.text}", file=out, flush=True)
+            elif isinstance(event, EvalFinished):
+                print(f"   ppl[{event.label}] = {event.ppl:.3f}", file=out, flush=True)
+            elif isinstance(event, RunFinished):
+                results[cell] = event.summary
+                statuses.append(event.status)
+    except KeyboardInterrupt:
+        cancel.set()
+        statuses.append("cancelled")
+    if not results:
+        return 1
+    header, rows = grid.table(results, list(base.recoveries) if base.ebft.epochs > 0 else [])
+    summary = next(iter(results.values()))
+    ev = summary.get("eval") or {}
+    protocol = (f"{ev.get('description', ev.get('source'))}, seqlen {ev.get('seqlen')}, {ev.get('windows')} of "
+                f"{ev.get('total_windows')} windows ({'partial' if ev.get('partial') else 'full'})") if ev else ""
+    csv_path, md_path = grid.write(args.out, header, rows, protocol)
+    print(grid.to_markdown(header, rows, protocol), file=out)
+    print(f"table: {csv_path} {md_path}", file=out)
+    if "cancelled" in statuses:
+        return 130
+    return 0 if all(s == "finished" for s in statuses) else 1
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
 
 
 class _Printer:

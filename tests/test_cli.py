@@ -1,6 +1,7 @@
 """The command line: flags spelled as documented, errors as one line, the table at the end."""
 from __future__ import annotations
 
+import csv
 import io
 import json
 import signal
@@ -105,3 +106,27 @@ def test_a_killed_run_says_interrupted_and_keeps_its_finished_numbers(tiny_run_c
     assert read_events(run_dir)[0].kind == "run_started"
     listed = list_runs(tmp_path / "runs")
     assert list(listed["status"]) == ["interrupted"]
+
+
+def test_grid_writes_one_table_for_methods_sparsities_and_recoveries(tiny_run_config, tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(tiny_run_config.with_overrides({"ebft.epochs": 1}).to_yaml())
+    out = io.StringIO()
+    code = main(["grid", "--config", str(preset), "--methods", "magnitude,wanda", "--sparsities", "0.5,2:4",
+                 "--recoveries", "ebft,lora", "--lora-budget", "epochs", "--lora-epochs", "1",
+                 "--out", str(tmp_path / "table")], out=out)
+    assert code == 0, out.getvalue()
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert [(r["sparsity"], r["method"]) for r in rows] == [("0.5", "magnitude"), ("0.5", "wanda"),
+                                                             ("2:4", "magnitude"), ("2:4", "wanda")]
+    assert all(r["pruned"] and r["ebft"] and r["lora"] and r["lora-merged"] for r in rows)
+    assert len({r["dense"] for r in rows}) == 1  # the same dense model in every run
+    assert "| 2:4 | wanda |" in (tmp_path / "table.md").read_text()
+    bad = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stderr(bad):
+        assert main(["grid", "--config", str(preset), "--methods", "wanda", "--sparsities", "0.5,lots",
+                     "--out", str(tmp_path / "t2")]) == 2
+    assert "grid.sparsities: 'lots' is neither a fraction nor N:M" in bad.getvalue()
+    assert not (tmp_path / "t2.csv").exists()
