@@ -16,7 +16,7 @@ No UI code lives here: the CLI, the lab and the run folder all consume the same 
 from .config import CalibConfig, EbftConfig, EvalConfig, PruneConfig, RunConfig
 from .errors import Cancelled, ConfigError, DataError, EbftError, ModelLoadError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
-                     RunFinished, RunStarted, StepLoss, event_from_dict, event_to_dict)
+                     RunFinished, RunStarted, StepLoss, ZeroShotFinished, event_from_dict, event_to_dict)
 from .evaluate import PerplexityResult, perplexity
 from .models import LlamaAdapter, load_model, resolve_source
 from .pipeline import resume, run
@@ -26,4 +26,4 @@ __all__ = ["BlockFinished", "BlockStarted", "CalibConfig", "Cancelled", "ConfigE
            "EbftError", "EvalConfig", "EvalFinished", "Event", "LlamaAdapter", "ModelLoadError", "Notice",
            "PerplexityResult", "PhaseFinished", "PhaseStarted", "PruneConfig", "RunConfig", "RunFinished",
            "RunStarted", "StepLoss", "event_from_dict", "event_to_dict", "load_model", "perplexity",
-           "read_events", "resolve_source", "resume", "run"]
+           "ZeroShotFinished", "read_events", "resolve_source", "resume", "run"]

@@ -13,7 +13,7 @@ from typing import Any, Sequence, TextIO
 from .config import DEVICES, DTYPES, PRUNE_METHODS, RunConfig
 from .errors import EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Notice, PhaseFinished, PhaseStarted, RunFinished,
-                     RunStarted, StepLoss)
+                     RunStarted, StepLoss, ZeroShotFinished)
 from .pipeline import resume, run
 
 # flag -> dotted config field
@@ -42,6 +42,10 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--eval": ("eval.source", str, "evaluation data: wikitext2, c4, ptb or file:PATH"),
     "--eval-seqlen": ("eval.seqlen", int, "tokens per evaluation window (default: context, at most 2048)"),
     "--eval-windows": ("eval.windows", int, "evaluate the first N windows only (reported as partial)"),
+    "--zeroshot": ("eval.zeroshot", str, "lm-eval tasks scored on every model, e.g. boolq,rte,hellaswag,winogrande,"
+                                         "arc_easy,arc_challenge,openbookqa"),
+    "--zeroshot-limit": ("eval.zeroshot_limit", int, "at most N examples per zero-shot task (partial)"),
+    "--zeroshot-include": ("eval.zeroshot_include", str, "a folder of extra lm-eval task YAMLs"),
     "--baselines": ("baselines", str, f"comma-separated pruned-only baselines, from {', '.join(PRUNE_METHODS)} "
                                       "and owl-<method>"),
     "--recoveries": ("recoveries", str, "comma-separated recoveries from --method's masks: ebft (the paper's "
@@ -236,6 +240,9 @@ class _Printer:
                 self.say(f"   {event.phase} {event.label} done in {event.seconds:.1f}s".replace("  ", " "))
         elif isinstance(event, EvalFinished):
             self.say(f"   ppl[{event.label}] = {event.ppl:.3f}")
+        elif isinstance(event, ZeroShotFinished):
+            self.say(f"   zero-shot[{event.label}]: " + ", ".join(
+                f"{task} acc {r.get('acc', float('nan')):.3f}" for task, r in event.results.items()))
         elif isinstance(event, RunFinished):
             self.close()
             self.say(format_table(event.summary))
@@ -254,6 +261,15 @@ def format_table(summary: dict[str, Any]) -> str:
     for label, ppl in summary.get("ppl", {}).items():
         s = summary.get("actual_sparsity", {}).get(label)
         lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |")
+    zeroshot = summary.get("zeroshot") or {}
+    tasks = list(dict.fromkeys(t for results in zeroshot.values() for t in results))
+    if tasks:
+        lines += ["", "| model | " + " | ".join(f"{t} acc / acc_norm" for t in tasks) + " |",
+                  "|---|" + "---:|" * len(tasks)]
+        for label, results in zeroshot.items():
+            cells = [results.get(t, {}) for t in tasks]
+            lines.append(f"| {label} | " + " | ".join(f"{c.get('acc', float('nan')):.3f} / "
+                                                      f"{c.get('acc_norm', float('nan')):.3f}" for c in cells) + " |")
     if ev:
         lines.append(f"\nprotocol: {ev.get('description', ev.get('source'))}, seqlen {ev.get('seqlen')}, "
                      f"{ev.get('windows')} of {ev.get('total_windows')} windows "

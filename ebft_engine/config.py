@@ -203,11 +203,27 @@ class EvalConfig:
     source: str = "wikitext2"
     seqlen: int | None = None
     windows: int | None = None
+    zeroshot: tuple[str, ...] = ()  # lm-eval tasks, e.g. the paper's: boolq,rte,hellaswag,winogrande,arc_easy,...
+    zeroshot_limit: int | None = None  # at most this many examples per task (reported as partial)
+    zeroshot_include: str | None = None  # a folder of extra lm-eval task YAMLs (local tasks)
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not _source_ok(self.source, EVAL_SOURCES):
             raise ConfigError("eval.source", f"unknown evaluation source {self.source!r}",
                               f"use one of {', '.join(EVAL_SOURCES)} or file:PATH")
+        tasks = self.zeroshot
+        if isinstance(tasks, str):
+            tasks = tuple(t for t in tasks.split(",") if t.strip())
+        if not isinstance(tasks, (tuple, list)) or not all(isinstance(t, str) and t.strip() for t in tasks):
+            raise ConfigError("eval.zeroshot", f"{self.zeroshot!r} is not a list of lm-eval task names",
+                              "write e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
+        object.__setattr__(self, "zeroshot", tuple(dict.fromkeys(t.strip() for t in tasks)))
+        if self.zeroshot_limit is not None:
+            _check_int("eval.zeroshot_limit", self.zeroshot_limit, 1, "use at least 1 example per task")
+        if self.zeroshot_include is not None and (not isinstance(self.zeroshot_include, str)
+                                                  or not self.zeroshot_include.strip()):
+            raise ConfigError("eval.zeroshot_include", f"{self.zeroshot_include!r} is not a folder",
+                              "give the folder holding your task YAML files")
         if self.seqlen is not None:
             _check_int("eval.seqlen", self.seqlen, 2, "use a window of at least 2 tokens, e.g. 2048")
         if self.windows is not None:
@@ -286,6 +302,7 @@ class RunConfig:
         d = dataclasses.asdict(self)
         d["baselines"] = list(self.baselines)
         d["recoveries"] = list(self.recoveries)
+        d["eval"]["zeroshot"] = list(self.eval.zeroshot)
         return d
 
     @classmethod

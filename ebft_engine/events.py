@@ -94,6 +94,17 @@ class EvalFinished:
 
 
 @dataclass(frozen=True)
+class ZeroShotFinished:
+    """lm-eval zero-shot accuracy of one model: {task: {"acc": x, "acc_norm": y, "examples": n}}."""
+
+    label: str
+    results: dict[str, dict[str, Any]]
+    limit: int | None
+    seconds: float
+    kind: str = "zeroshot_finished"
+
+
+@dataclass(frozen=True)
 class Notice:
     """Something a person should read: level is info, warning or error."""
 
@@ -112,7 +123,7 @@ class RunFinished:
 
 
 Event = Union[RunStarted, PhaseStarted, PhaseFinished, BlockStarted, StepLoss, BlockFinished, EvalFinished,
-              Notice, RunFinished]
+              ZeroShotFinished, Notice, RunFinished]
 EVENT_TYPES: dict[str, type] = {cls.kind: cls for cls in Event.__args__}  # type: ignore[attr-defined]
 
 

@@ -69,7 +69,8 @@ def fill_from_preset(name: str, loaded: str) -> list[Any]:
 CONTROL_FIELDS = ["model", "prune.method", "prune.pattern", "prune.sparsity", "calib.source", "calib.nsamples",
                   "calib.seqlen", "ebft.epochs", "ebft.lr", "ebft.batch_size", "eval.source", "eval.seqlen",
                   "eval.windows", "baselines", "seed", "save_model", "recoveries", "prune.dsnot_init",
-                  "prune.dsnot_layers", "prune.owl_lambda", "prune.owl_m", "lora.rank", "lora.lr", "lora.budget"]
+                  "prune.dsnot_layers", "prune.owl_lambda", "prune.owl_m", "lora.rank", "lora.lr", "lora.budget",
+                  "eval.zeroshot", "eval.zeroshot_limit"]
 METHOD_CHOICES = list(PRUNE_METHODS) + [OWL_PREFIX + m for m in ("wanda", "sparsegpt", "magnitude", "dsnot")]
 
 
@@ -86,6 +87,8 @@ def config_to_values(config: RunConfig) -> list[Any]:
     seqlen_at = CONTROL_FIELDS.index("eval.seqlen")
     values[seqlen_at] = values[seqlen_at] or 0
     values[CONTROL_FIELDS.index("save_model")] = values[CONTROL_FIELDS.index("save_model")] or ""
+    values[CONTROL_FIELDS.index("eval.zeroshot")] = ",".join(values[CONTROL_FIELDS.index("eval.zeroshot")] or [])
+    values[CONTROL_FIELDS.index("eval.zeroshot_limit")] = values[CONTROL_FIELDS.index("eval.zeroshot_limit")] or 0
     return values
 
 
@@ -100,6 +103,8 @@ def values_to_config(values: list[Any], base: RunConfig | None = None) -> RunCon
         fields["prune.sparsity"] = None  # N:M fixes the sparsity
     fields["baselines"] = list(fields["baselines"] or [])
     fields["recoveries"] = list(fields["recoveries"] or ["ebft"])
+    fields["eval.zeroshot"] = [t.strip() for t in str(fields["eval.zeroshot"] or "").split(",") if t.strip()]
+    fields["eval.zeroshot_limit"] = _whole(fields["eval.zeroshot_limit"]) or None
     fields["save_model"] = (fields["save_model"] or "").strip() or None
     base = base or RunConfig()
     return policy.check(base.with_overrides({**fields, "runs_dir": policy.runs_dir()}))
@@ -124,15 +129,15 @@ def outputs_for(view: RunView) -> tuple:
 
 def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
               eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
-              dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget,
-              request: gr.Request):
+              dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot,
+              zeroshot_limit, request: gr.Request):
     """Generator behind Run: streams a few updates a second while the engine works, and the final state.
 
     The parameters follow CONTROL_FIELDS; ``request`` identifies the browser session, so Stop stops only it.
     """
     values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size, eval_source,
               eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init, dsnot_layers,
-              owl_lambda, owl_m, lora_rank, lora_lr, lora_budget]
+              owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot, zeroshot_limit]
     session = getattr(request, "session_hash", None) or "local"
     view = RunView()
     try:
@@ -228,8 +233,8 @@ _steppers: dict[str, tuple[Any, RunView]] = {}
 
 def step_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
              eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
-             dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget,
-             request: gr.Request):
+             dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot,
+             zeroshot_limit, request: gr.Request):
     """Generator behind Step: the first click starts a run; every click advances it by one block."""
     session = getattr(request, "session_hash", None) or "local"
     with _lock:
@@ -237,7 +242,7 @@ def step_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, e
     if stepper is None:
         values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
                   eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
-                  dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget]
+                  dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot, zeroshot_limit]
         view = RunView()
         _close_paused_steppers()
         try:
@@ -457,12 +462,15 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
                                   label="Source")
         eval_seqlen = gr.Number(v["eval.seqlen"], precision=0, label="Window (tokens; 0 = model context)")
         eval_windows = gr.Number(v["eval.windows"], precision=0, label="Windows (0 = all)")
+        zeroshot = gr.Textbox(v["eval.zeroshot"], label="Zero-shot tasks (lm-eval)",
+                              placeholder="boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
+        zeroshot_limit = gr.Number(v["eval.zeroshot_limit"], precision=0, label="Examples per task (0 = all)")
     with gr.Accordion("Run", open=False):
         seed = gr.Number(v["seed"], precision=0, label="Seed")
         save = gr.Textbox(v["save_model"], label="Save the EBFT model to folder (optional)", visible=not spaces)
     return [model, method, pattern, sparsity, calib, nsamples, seqlen, epochs, lr, batch, eval_source, eval_seqlen,
             eval_windows, baselines, seed, save, recoveries, dsnot_init, dsnot_layers, owl_lambda, owl_m, lora_rank,
-            lora_lr, lora_budget]
+            lora_lr, lora_budget, zeroshot, zeroshot_limit]
 
 
 def main() -> None:

@@ -40,6 +40,12 @@ def check(config: RunConfig, spaces: bool | None = None) -> RunConfig:
             raise ConfigError(name, "local files cannot be read on this Space", "use self, c4, wikitext2 or ptb")
     if config.save_model:
         raise ConfigError("save_model", "this Space does not save models to disk", "run the lab locally to save")
+    if config.eval.zeroshot and (config.eval.zeroshot_limit or 10 ** 9) > 100:
+        raise ConfigError("eval.zeroshot_limit", "full zero-shot tasks are too long for this Space",
+                          "set at most 100 examples per task, or run the lab locally")
+    if config.eval.zeroshot_include:
+        raise ConfigError("eval.zeroshot_include", "local task folders cannot be read on this Space",
+                          "use lm-eval's own task names")
     for name, limit in SPACES_LIMITS.items():
         section, field = name.split(".")
         value = getattr(getattr(config, section), field)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ebft_engine import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
-                         RunFinished, RunStarted, StepLoss)
+                         RunFinished, RunStarted, StepLoss, ZeroShotFinished)
 
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -26,6 +26,7 @@ class RunView:
     train_label: str = ""  # the label whose steps are being plotted (ebft)
     steps: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # block -> [(step, loss)]
     model_steps: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # lora: [(step, LM loss)]
+    zeroshot: dict[str, dict[str, dict]] = field(default_factory=dict)  # label -> task -> {acc, acc_norm}
     initial: dict[int, float] = field(default_factory=dict)
     final: dict[int, float] = field(default_factory=dict)
     ppl: dict[str, float] = field(default_factory=dict)
@@ -69,6 +70,8 @@ class RunView:
             self.ppl[event.label] = event.ppl
             self.eval_info = {"source": event.source, "seqlen": event.seqlen, "windows": event.windows,
                               "tokens": event.tokens, "partial": event.partial}
+        elif isinstance(event, ZeroShotFinished):
+            self.zeroshot[event.label] = dict(event.results)
         elif isinstance(event, Notice):
             self.notices.append((event.level, event.text))
         elif isinstance(event, RunFinished):

@@ -34,9 +34,20 @@ def ppl_table(view: RunView) -> pd.DataFrame:
         if s is None and label in view.sparsity:
             per = [v for layers in view.sparsity[label].values() for v in layers.values()]
             s = sum(per) / len(per) if per else None
-        rows.append([label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×",
-                     "" if s is None else f"{s:.2%}"])
-    return pd.DataFrame(rows, columns=PPL_COLUMNS)
+        text = "" if s is None else f"{s:.2%}"
+        adapters = (view.summary.get("lora") or {}).get("adapter_params") if view.summary else None
+        if label == "lora" and adapters:
+            text += f" + {adapters / 1e6:.2f}M adapter weights"
+        rows.append([label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×", text])
+    table = pd.DataFrame(rows, columns=PPL_COLUMNS)
+    if view.zeroshot:  # one column per task: acc (acc_norm)
+        tasks = list(dict.fromkeys(t for results in view.zeroshot.values() for t in results))
+        for task in tasks:
+            table[f"{task} acc (norm)"] = [
+                "" if task not in view.zeroshot.get(label, {}) else
+                f"{view.zeroshot[label][task].get('acc', float('nan')):.3f} "
+                f"({view.zeroshot[label][task].get('acc_norm', float('nan')):.3f})" for label in table["model"]]
+    return table
 
 
 RESUMABLE = ("interrupted", "cancelled", "failed")  # statuses the History tab offers to resume

@@ -93,3 +93,14 @@ def test_lora_steps_do_not_mix_with_block_curves():
     view.status = "running"
     assert list(view.steps) == [0] and view.model_steps["lora"] == [(1, 3.2), (2, 3.1)]
     assert "step 2, language-model loss 3.100" in view.progress
+
+
+def test_zero_shot_results_become_table_columns():
+    from ebft_engine.events import EvalFinished, ZeroShotFinished
+    from lab.state import fold
+    from lab.tables import ppl_table
+
+    view = fold([EvalFinished("dense", 20.0, "x", 64, 4, 256, True, 1.0),
+                 ZeroShotFinished("dense", {"boolq": {"acc": 0.625, "acc_norm": 0.5, "examples": 8}}, 8, 2.0)])
+    table = ppl_table(view)
+    assert list(table["boolq acc (norm)"]) == ["0.625 (0.500)"]
