@@ -37,11 +37,14 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--lora-lr", type=float, default=1e-4)
+    parser.add_argument("--settings", default=",".join(name for name, _ in SETTINGS),
+                        help="which rows to run, e.g. 70%%,2:4")
     parser.add_argument("--runs-dir", default=str(ROOT / "runs"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "smollm2_table.md"))
     args = parser.parse_args()
     results = {}
-    for name, prune in SETTINGS:
+    chosen = [x.strip() for x in args.settings.split(",")]
+    for name, prune in [(n, p) for n, p in SETTINGS if n in chosen]:
         config = RunConfig.from_dict({
             "model": "smollm2-135m", "prune": {"method": "wanda", **prune},
             "calib": {"source": "self", "nsamples": args.nsamples, "seqlen": args.seqlen},
