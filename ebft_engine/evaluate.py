@@ -19,6 +19,8 @@ from .errors import Cancelled
 from .models import LlamaAdapter
 
 HEAD_CHUNK = 256  # tokens per lm_head + cross-entropy chunk
+EVAL_BATCH = 4  # windows per block call while evaluating
+INFER_BATCH = 8  # calibration sequences per block call when no gradient is needed (pruning passes, propagation)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None) -> tuple[t
 
 @torch.no_grad()
 def perplexity(adapter: LlamaAdapter, ids: torch.Tensor, seqlen: int, precision: Precision,
-               windows: int | None = None, batch_size: int = 4,
+               windows: int | None = None, batch_size: int = EVAL_BATCH,
                cancelled: Callable[[], bool] = lambda: False) -> PerplexityResult:
     """Perplexity of the model behind ``adapter`` on the first ``windows`` windows of ``ids`` (all if None)."""
     chunks, total = eval_windows(ids, seqlen, windows)

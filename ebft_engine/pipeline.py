@@ -28,7 +28,7 @@ from .device import Precision, pick_device, pick_precision
 from .errors import Cancelled, ConfigError, EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                      RunFinished, RunStarted, ZeroShotFinished)
-from .evaluate import perplexity
+from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
 from .models import FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
@@ -41,7 +41,6 @@ from .sparsity.wanda import wanda_scores
 
 log = logging.getLogger(__name__)
 
-INFER_BATCH = 8  # sequences per forward pass when no gradient is needed
 DEFAULT_EVAL_SEQLEN_CAP = 2048
 
 

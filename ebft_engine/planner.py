@@ -32,13 +32,11 @@ import torch
 
 from .config import RunConfig
 from .device import Precision
+from .evaluate import EVAL_BATCH, HEAD_CHUNK, INFER_BATCH
+from .models import CACHE_MAX_PARAMS
 
 GiB = 1024 ** 3
 RUNTIME_BYTES = 480 * 1024 ** 2  # python + torch + transformers + datasets, resident (bench/memory.py measures it)
-CACHE_MAX_PARAMS = 1_000_000_000  # as models.CACHE_MAX_PARAMS: smaller models keep a dense copy of their blocks
-HEAD_CHUNK = 256
-EVAL_BATCH = 4
-INFER_BATCH = 8
 DEVICE_HEADROOM = 0.92  # plan to use at most this share of the device (allocator fragmentation, CUDA context)
 
 
