@@ -32,7 +32,7 @@ from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
 from .models import FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
-from .planner import GiB, MemoryPlan, capacities, plan_memory, suggestion
+from .planner import GiB, MemoryPlan, capacities, plan_memory, remedy, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
 from .config import OWL_PREFIX
@@ -266,11 +266,7 @@ class _Run:
         self.plan = plan_memory(model_config, cfg, p, device_capacity=device_capacity, host_capacity=host_capacity,
                                 gguf=self.source.gguf_file is not None)
         if self.plan.problem:
-            if self.plan.peak_device > (device_capacity or self.plan.peak_device):
-                fix = suggestion(model_config, cfg, p, device_capacity)
-            else:
-                fix = "use fewer --nsamples, a shorter --seqlen or fewer --eval-windows, or a machine with more memory"
-            raise ConfigError("memory", self.plan.problem, fix)
+            raise ConfigError("memory", self.plan.problem, remedy(self.plan, model_config, cfg, p))
         return Notice("info", self.plan.summary())
 
     def _check_disk(self, model_config) -> None:

@@ -289,6 +289,13 @@ def suggestion(model_config: Any, config: RunConfig, precision: Precision, capac
     return "use a GPU with more memory, a shorter --seqlen, or --device cpu"
 
 
+def remedy(plan: MemoryPlan, model_config: Any, config: RunConfig, precision: Precision) -> str:
+    """What to change for a plan that does not fit: the device lever that fits, or what shrinks host memory."""
+    if plan.device_capacity is not None and plan.peak_device > plan.device_capacity:
+        return suggestion(model_config, config, precision, plan.device_capacity)
+    return "use fewer --nsamples, a shorter --seqlen or fewer --eval-windows, or a machine with more memory"
+
+
 def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / GiB:.2f} GiB"
 

@@ -293,7 +293,7 @@ def plan_run(*values) -> str:
     """The memory planner's prediction for the current settings, before anything is loaded."""
     from ebft_engine.device import pick_device, pick_precision
     from ebft_engine.models import count_params, load_config, resolve_source
-    from ebft_engine.planner import capacities, plan_memory, suggestion
+    from ebft_engine.planner import capacities, plan_memory, remedy
 
     try:
         config = values_to_config(list(values))
@@ -306,9 +306,8 @@ def plan_run(*values) -> str:
     device_capacity, host_capacity = capacities(device)
     plan = plan_memory(model_config, config, precision, device_capacity=device_capacity,
                        host_capacity=host_capacity, gguf=source.gguf_file is not None)
-    verdict = "fits" if plan.fits else f"**does not fit**: {plan.problem}"
-    if not plan.fits and device_capacity and plan.peak_device > device_capacity:
-        verdict += f"; {suggestion(model_config, config, precision, device_capacity)}"
+    verdict = "fits" if plan.fits else (f"**does not fit**: {plan.problem}; "
+                                        f"{remedy(plan, model_config, config, precision)}")
     return f"{plan.summary()} — {verdict}.\n\n{plan.table()}"
 
 
