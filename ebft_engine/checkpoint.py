@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 STATE_FILE = "state.json"
+STRUCTURE_KEY = "_structure"  # in a block file: the heads and channels a structurally pruned block kept
 FORMAT = 1
 
 
@@ -51,8 +52,11 @@ def unpack(entry: dict[str, Any]) -> torch.Tensor:
     return out
 
 
-def mask_digest_update(hasher, linears: dict[str, nn.Linear]) -> None:
-    """Feed a block's sparsity masks (which weights are zero) into a running sha256."""
+def mask_digest_update(hasher, linears: dict[str, nn.Linear], kept: dict[str, list[int]] | None = None) -> None:
+    """Feed a block's sparsity masks (which weights are zero) into a running sha256, and for a structurally
+    pruned block which heads and channels it kept."""
+    if kept is not None:
+        hasher.update(json.dumps(kept, sort_keys=True).encode())
     for name, linear in linears.items():
         mask = (linear.weight.detach() != 0).cpu().numpy().reshape(-1)
         hasher.update(name.encode())
@@ -95,21 +99,32 @@ class Checkpoints:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._write_state({"format": FORMAT, "label": label, "done": 0})
 
-    def save(self, label: str, index: int, block: nn.Module) -> None:
+    def save(self, label: str, index: int, block: nn.Module, structure: dict[str, list[int]] | None = None) -> None:
+        """Write one finished block; ``structure``: the heads and channels a structurally pruned block kept."""
         path = self._path(label, index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = {name: pack(t) for name, t in block.state_dict().items()}
+        data: dict[str, Any] = {name: pack(t) for name, t in block.state_dict().items()}
+        if structure is not None:
+            data[STRUCTURE_KEY] = structure
         tmp = path.with_name(path.name + ".tmp")
         torch.save(data, tmp)
         os.replace(tmp, path)
         self._write_state({"format": FORMAT, "label": label, "done": index + 1})
 
-    def load(self, label: str, index: int, block: nn.Module) -> None:
+    def load(self, label: str, index: int, block: nn.Module) -> dict[str, list[int]] | None:
+        """Put a saved block back (first giving it the saved structure, if it was structurally pruned); return
+        that structure."""
         data = torch.load(self._path(label, index), map_location="cpu", weights_only=True)
+        structure = data.pop(STRUCTURE_KEY, None)
+        if structure is not None:
+            from .sparsity.structured import BlockStructure, shrink
+
+            shrink(block, BlockStructure.from_dict(structure))
         state = {name: unpack(entry) for name, entry in data.items()}
         with torch.no_grad():
             for name, tensor in block.state_dict().items():
                 tensor.copy_(state[name].to(tensor.dtype))
+        return structure
 
     def clear(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

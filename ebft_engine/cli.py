@@ -20,8 +20,15 @@ from .pipeline import resume, run
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--model": ("model", str, "hub id, local folder, .gguf file, or smollm2-135m (the embedded default)"),
     "--method": ("prune.method", str, f"initial pruning method: {', '.join(PRUNE_METHODS)}, or owl-<method>"),
-    "--sparsity": ("prune.sparsity", float, "fraction of weights removed per linear layer, in [0, 1)"),
-    "--pattern": ("prune.pattern", str, "unstructured, 2:4 or 4:8 (N kept of every M)"),
+    "--sparsity": ("prune.sparsity", float, "fraction of weights removed per linear layer, in [0, 1); with "
+                                            "llm-pruner, of all blocks' weights"),
+    "--pattern": ("prune.pattern", str, "unstructured, 2:4 or 4:8 (N kept of every M), or structured (llm-pruner: "
+                                        "whole heads and MLP channels, smaller matrices)"),
+    "--keep-first": ("prune.keep_first", int, "structured pruning leaves the first N blocks whole (default 4)"),
+    "--keep-last": ("prune.keep_last", int, "structured pruning leaves the last N blocks whole (default 2)"),
+    "--taylor-samples": ("prune.taylor_samples", int, "calibration sequences for llm-pruner's Taylor importance "
+                                                      "(default 10)"),
+    "--taylor-seqlen": ("prune.taylor_seqlen", int, "tokens of each for the Taylor importance (default 64)"),
     "--dsnot-init": ("prune.dsnot_init", str, "the mask DSnoT refines: wanda, sparsegpt-mask or magnitude"),
     "--dsnot-layers": ("prune.dsnot_layers", str, "attention (reference default: q, k, v, o only) or all"),
     "--owl-lambda": ("prune.owl_lambda", float, "OWL's spread of per-block sparsity (sparsity ± λ)"),
@@ -29,6 +36,9 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--calib": ("calib.source", str, "calibration data: c4, wikitext2, self or file:PATH"),
     "--nsamples": ("calib.nsamples", int, "number of calibration sequences"),
     "--seqlen": ("calib.seqlen", int, "tokens per calibration sequence"),
+    "--self-nsamples": ("calib.self_nsamples", int, "append N sequences the dense model writes itself, for the "
+                                                    "reconstruction only (Shin et al.; pruning statistics use "
+                                                    "--calib's alone)"),
     "--epochs": ("ebft.epochs", int, "EBFT epochs per block (0 skips EBFT)"),
     "--lr": ("ebft.lr", float, "EBFT learning rate"),
     "--batch-size": ("ebft.batch_size", int, "EBFT batch size (sequences)"),
@@ -254,13 +264,21 @@ class _Printer:
             self.bar = None
 
 
+PROTOCOL_128 = " (LLM-Pruner's 128-token protocol: reads higher than at 2048)"
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The perplexity comparison as a Markdown table, with the protocol under it."""
     ev = summary.get("eval") or {}
-    lines = ["| model | perplexity | sparsity |", "|---|---:|---:|"]
+    structured = ((summary.get("config") or {}).get("prune") or {}).get("pattern") == "structured"
+    params = summary.get("params") or {}
+    lines = ["| model | perplexity | sparsity |" + (" parameters |" if structured else ""),
+             "|---|---:|---:|" + ("---:|" if structured else "")]
     for label, ppl in summary.get("ppl", {}).items():
         s = summary.get("actual_sparsity", {}).get(label)
-        lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |")
+        n = params.get(label)
+        lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |" +
+                     ((f" {n / 1e6:.1f}M |" if n else " - |") if structured else ""))
     zeroshot = summary.get("zeroshot") or {}
     tasks = list(dict.fromkeys(t for results in zeroshot.values() for t in results))
     if tasks:
@@ -271,7 +289,8 @@ def format_table(summary: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(f"{c.get('acc', float('nan')):.3f} / "
                                                       f"{c.get('acc_norm', float('nan')):.3f}" for c in cells) + " |")
     if ev:
-        lines.append(f"\nprotocol: {ev.get('description', ev.get('source'))}, seqlen {ev.get('seqlen')}, "
+        lines.append(f"\nprotocol: {ev.get('description', ev.get('source'))}, seqlen {ev.get('seqlen')}"
+                     f"{PROTOCOL_128 if ev.get('seqlen') == 128 else ''}, "
                      f"{ev.get('windows')} of {ev.get('total_windows')} windows "
                      f"({'partial' if ev.get('partial') else 'full'}), {ev.get('tokens')} tokens")
     return "\n".join(lines)

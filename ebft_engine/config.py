@@ -18,7 +18,9 @@ import yaml
 
 from .errors import ConfigError
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-mask", "dsnot")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-mask", "dsnot", "llm-pruner")
+STRUCTURED = "structured"  # the pattern of llm-pruner: whole heads and MLP channels removed (REFERENCE.md §6)
+STRUCTURED_METHODS = ("llm-pruner",)
 OWL_PREFIX = "owl-"  # owl-<method>: the method with OWL's outlier-weighted per-block sparsity (REFERENCE.md §5)
 DSNOT_INITS = ("wanda", "sparsegpt-mask", "magnitude")
 DSNOT_LAYERS = ("attention", "all")
@@ -28,7 +30,8 @@ def method_ok(name: object) -> bool:
     """A pruning method name: one from PRUNE_METHODS, or owl-<one of them>."""
     if not isinstance(name, str):
         return False
-    return name in PRUNE_METHODS or (name.startswith(OWL_PREFIX) and name[len(OWL_PREFIX):] in PRUNE_METHODS)
+    return name in PRUNE_METHODS or (name.startswith(OWL_PREFIX) and name[len(OWL_PREFIX):] in PRUNE_METHODS
+                                     and name[len(OWL_PREFIX):] not in STRUCTURED_METHODS)
 CALIB_SOURCES = ("c4", "wikitext2", "self")
 EVAL_SOURCES = ("wikitext2", "c4", "ptb")
 DEVICES = ("auto", "cpu", "cuda")
@@ -41,13 +44,13 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Return (N, M) for an "N:M" pattern, None for "unstructured"; raise ConfigError otherwise."""
-    if pattern == "unstructured":
+    """Return (N, M) for an "N:M" pattern, None for "unstructured" or "structured"; raise ConfigError otherwise."""
+    if pattern in ("unstructured", STRUCTURED):
         return None
     parts = pattern.split(":") if isinstance(pattern, str) else []
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError("prune.pattern", f"{pattern!r} is neither 'unstructured' nor N:M",
-                          "use 'unstructured', '2:4' or '4:8'")
+        raise ConfigError("prune.pattern", f"{pattern!r} is neither 'unstructured', 'structured' nor N:M",
+                          "use 'unstructured', '2:4', '4:8' or 'structured' (with --method llm-pruner)")
     n, m = int(parts[0]), int(parts[1])
     if not 0 < n < m:
         raise ConfigError("prune.pattern", f"{pattern!r} is not N:M with 0 < N < M (N weights kept of every M)",
@@ -64,10 +67,18 @@ class PruneConfig:
     """How the initial masks are chosen.
 
     Args:
-        method: a pruning method from the registry (magnitude, wanda, sparsegpt, sparsegpt-mask).
+        method: a pruning method from the registry (magnitude, wanda, sparsegpt, sparsegpt-mask, dsnot), or
+            llm-pruner for structured pruning.
         sparsity: fraction of weights removed in every pruned linear layer, in [0, 1). For an N:M pattern
-            it may be left out and is then 1 - N/M.
-        pattern: "unstructured" or "N:M" (N kept of every M consecutive input columns).
+            it may be left out and is then 1 - N/M. For structured pruning it is the fraction of all the
+            blocks' projection weights removed (default 0.2); the blocks outside keep_first/keep_last take
+            a larger share so that the total comes out at this fraction.
+        pattern: "unstructured", "N:M" (N kept of every M consecutive input columns) or "structured"
+            (implied by llm-pruner: attention heads and MLP channels removed, the matrices made smaller).
+        keep_first / keep_last: structured pruning leaves the first and last blocks whole (LLM-Pruner keeps
+            4 and 2 of LLaMA-7B's 32).
+        taylor_samples / taylor_seqlen: the calibration sequences (and tokens of each) whose language-model
+            loss gradient gives LLM-Pruner's Taylor importance (10 x 64 in the reference).
     """
 
     method: str = "wanda"
@@ -77,8 +88,14 @@ class PruneConfig:
     dsnot_layers: str = "attention"
     owl_lambda: float = 0.08
     owl_m: float = 5.0
+    keep_first: int = 4
+    keep_last: int = 2
+    taylor_samples: int = 10
+    taylor_seqlen: int = 64
 
     def __post_init__(self):
+        if self.method in STRUCTURED_METHODS and self.pattern == "unstructured":
+            object.__setattr__(self, "pattern", STRUCTURED)  # llm-pruner is structured: no need to say it twice
         if not method_ok(self.method):
             raise ConfigError("prune.method", f"unknown method {self.method!r}",
                               f"choose one of {', '.join(PRUNE_METHODS)}, or owl-<method> for OWL's per-block "
@@ -92,9 +109,20 @@ class PruneConfig:
         _check_float("prune.owl_lambda", self.owl_lambda, 0, "use a spread such as 0.08 (sparsity ± λ)")
         _check_float("prune.owl_m", self.owl_m, 0, "use an outlier threshold such as 5 (times the mean score)",
                      strict=True)
+        _check_int("prune.keep_first", self.keep_first, 0, "use the number of leading blocks to leave whole, e.g. 4")
+        _check_int("prune.keep_last", self.keep_last, 0, "use the number of final blocks to leave whole, e.g. 2")
+        _check_int("prune.taylor_samples", self.taylor_samples, 1, "use e.g. 10 sequences (LLM-Pruner's default)")
+        _check_int("prune.taylor_seqlen", self.taylor_seqlen, 2, "use e.g. 64 tokens (LLM-Pruner's default)")
         nm = parse_pattern(self.pattern)
+        if self.pattern == STRUCTURED and self.method not in STRUCTURED_METHODS:
+            raise ConfigError("prune.pattern", f"structured pruning removes whole heads and channels, and "
+                              f"{self.method} chooses single weights", "use --method llm-pruner for structured "
+                              "pruning, or --pattern unstructured / N:M with " + self.method)
+        if self.method in STRUCTURED_METHODS and self.pattern != STRUCTURED:
+            raise ConfigError("prune.pattern", f"{self.method} removes whole heads and channels and cannot make "
+                              f"the {self.pattern} pattern", "leave --pattern out (or set it to structured)")
         if self.sparsity is None:
-            object.__setattr__(self, "sparsity", 0.5 if nm is None else 1 - nm[0] / nm[1])
+            object.__setattr__(self, "sparsity", 0.2 if self.structured else 0.5 if nm is None else 1 - nm[0] / nm[1])
         s = self.sparsity
         if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s < 1):
             raise ConfigError("prune.sparsity", f"{s!r} is outside [0, 1)",
@@ -113,6 +141,10 @@ class PruneConfig:
     def nm(self) -> tuple[int, int] | None:
         return parse_pattern(self.pattern)
 
+    @property
+    def structured(self) -> bool:
+        return self.pattern == STRUCTURED
+
 
 @dataclass(frozen=True)
 class CalibConfig:
@@ -120,11 +152,21 @@ class CalibConfig:
 
     Sources: c4 (train shard 0, random windows, seeded), wikitext2 (train split), file:PATH (random windows
     of a local text file), self (sequences generated by the dense model itself: no data set needed).
+
+    ``self_nsamples`` appends that many sequences the dense model writes itself to the set (Shin et al.,
+    REFERENCE.md §7: it eases over-fitting the calibration text). They serve the reconstruction (EBFT, LoRA)
+    only: the pruning statistics and importances come from the ``nsamples`` of ``source`` alone.
     """
 
     source: str = "c4"
     nsamples: int = 128
     seqlen: int = 1024
+    self_nsamples: int = 0
+
+    @property
+    def total(self) -> int:
+        """Sequences in the whole calibration set: the source's and the self-generated ones."""
+        return self.nsamples + self.self_nsamples
 
     def __post_init__(self):
         if not isinstance(self.source, str) or not _source_ok(self.source, CALIB_SOURCES):
@@ -132,6 +174,10 @@ class CalibConfig:
                               f"use one of {', '.join(CALIB_SOURCES)} or file:PATH")
         _check_int("calib.nsamples", self.nsamples, 1, "use at least 1 calibration sample")
         _check_int("calib.seqlen", self.seqlen, 2, "use a sequence length of at least 2 tokens")
+        _check_int("calib.self_nsamples", self.self_nsamples, 0, "use 0 (none) or a number of generated sequences")
+        if self.self_nsamples and self.source == "self":
+            raise ConfigError("calib.self_nsamples", "the calibration set is already generated by the model",
+                              "use self_nsamples with a text source (c4, wikitext2 or file:PATH), or set it to 0")
 
 
 @dataclass(frozen=True)
@@ -158,7 +204,8 @@ class LoraConfig:
     """LoRA recovery with peft (REFERENCE.md §2, §6): adapters on the projections, the sparse weights frozen,
     trained on the calibration tokens with the language-model loss.
 
-    ``targets: auto`` is q_proj,v_proj (Wanda's recipe for unstructured and N:M sparsity). ``budget: ebft``
+    ``targets: auto`` is q_proj,v_proj (Wanda's recipe for unstructured and N:M sparsity), and all seven
+    projections after structured pruning (LLM-Pruner's recipe). ``budget: ebft``
     trains for the wall-clock time EBFT took in the same run (a fair comparison; EBFT must run first), else
     ``epochs`` epochs.
     """
@@ -189,8 +236,10 @@ class LoraConfig:
             raise ConfigError("lora.targets", f"{self.targets!r} is not auto or a list of projections",
                               f"use auto or a comma-separated subset of {', '.join(LORA_TARGETS)}")
 
-    def target_modules(self) -> list[str]:
-        return ["q_proj", "v_proj"] if self.targets == "auto" else [t.strip() for t in self.targets.split(",")]
+    def target_modules(self, structured: bool = False) -> list[str]:
+        if self.targets == "auto":
+            return list(LORA_TARGETS) if structured else ["q_proj", "v_proj"]
+        return [t.strip() for t in self.targets.split(",")]
 
 
 @dataclass(frozen=True)
@@ -265,6 +314,12 @@ class RunConfig:
                 raise ConfigError("baselines", f"unknown method {b!r}",
                                   f"choose from {', '.join(PRUNE_METHODS)} (or owl-<method>)")
         object.__setattr__(self, "baselines", tuple(dict.fromkeys(baselines)))
+        for b in baselines:
+            if (b in STRUCTURED_METHODS) != self.prune.structured:
+                raise ConfigError("baselines", f"{b} and --method {self.prune.method} prune in different patterns "
+                                  f"({'structured' if b in STRUCTURED_METHODS else 'weight by weight'} vs "
+                                  f"{self.prune.pattern}), which are measured apart",
+                                  "run structured pruning (llm-pruner) and the other methods as separate runs")
         if self.prune.nm is not None and any(b.startswith(OWL_PREFIX) for b in baselines):
             raise ConfigError("baselines", f"OWL allocates unstructured sparsity and the pattern is "
                               f"{self.prune.pattern}", "drop the owl- baselines or use --pattern unstructured")

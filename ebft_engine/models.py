@@ -148,8 +148,11 @@ def load_model(source: ModelSource, dtype: torch.dtype):
     kwargs = _kwargs(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa",
-                                                     trust_remote_code=False, **kwargs)
+        if not source.gguf_file and (Path(source.path) / STRUCTURE_FILE).is_file():
+            model = _load_structured(Path(source.path), dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, attn_implementation="sdpa",
+                                                         trust_remote_code=False, **kwargs)
     except Exception as e:
         raise ModelLoadError(_load_failure(source, e)) from None
     check_architecture(model.config)
@@ -159,6 +162,50 @@ def load_model(source: ModelSource, dtype: torch.dtype):
         model.hf_quantizer = None
     model.eval().requires_grad_(False)
     return model, tokenizer
+
+
+STRUCTURE_FILE = "ebft_structure.json"  # beside a saved structurally pruned model: each block's kept counts
+
+
+def save_structure(folder: str | Path, model: nn.Module, counts: list[dict[str, int] | None]) -> None:
+    """Record the per-block shapes of a structurally pruned model saved with save_pretrained, whose config
+    still states the dense sizes; :func:`load_model` reads it back."""
+    import json
+
+    (Path(folder) / STRUCTURE_FILE).write_text(json.dumps({"format": 1, "blocks": counts}, indent=1),
+                                               encoding="utf-8")
+
+
+def _load_structured(folder: Path, dtype: torch.dtype):
+    """A structurally pruned model: built from its (dense) config, each block shrunk to its saved counts, then
+    the saved weights loaded into those shapes."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .sparsity.structured import first_n, shrink
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    blocks = json.loads((folder / STRUCTURE_FILE).read_text(encoding="utf-8"))["blocks"]
+    if len(blocks) != len(model.model.layers):
+        raise ValueError(f"{STRUCTURE_FILE} describes {len(blocks)} blocks and the config {len(model.model.layers)}")
+    for block, counts in zip(model.model.layers, blocks):
+        if counts:
+            shrink(block, first_n(block, counts))
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
+        raise ValueError(f"the saved weights do not match {STRUCTURE_FILE} (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    if tied:
+        model.tie_weights()
+    return model
 
 
 # One loaded model per process, with a copy of its dense block weights: loading (GGUF dequantisation above
@@ -201,6 +248,10 @@ def _mtime(source: ModelSource) -> float:
 def restore_blocks(model: nn.Module, dense) -> None:
     """Copy the dense block weights back into the model (in place: no new tensors), from a list of saved
     tensors or a :class:`FileBackedBlocks`."""
+    from .sparsity.structured import regrow
+
+    for block in model.model.layers:  # a structurally pruned block gets its dense shapes back first
+        regrow(block, model.config)
     if isinstance(dense, FileBackedBlocks):
         dense.restore(model)
         return

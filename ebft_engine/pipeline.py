@@ -31,12 +31,14 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
 from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
-from .models import FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source, restore_blocks
+from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source,
+                     restore_blocks, save_structure)
 from .planner import GiB, MemoryPlan, capacities, plan_memory, remedy, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
-from .config import OWL_PREFIX
+from .config import OWL_PREFIX, STRUCTURED_METHODS
 from .sparsity import StatsCollector, get_method
+from .sparsity import structured as st
 from .sparsity.wanda import wanda_scores
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,8 @@ class _Run:
         self.lora_info: dict[str, Any] = dict(prev.get("lora") or {})
         self.zeroshot: dict[str, dict[str, Any]] = dict(prev.get("zeroshot") or {})
         self.blocks: list[dict[str, Any]] = list(prev.get("blocks") or [])
+        self.params: dict[str, int] = dict(prev.get("params") or {})
+        self.structure: dict[str, list[dict[str, int] | None]] = dict(prev.get("structure") or {})
         self.eval_info: dict[str, Any] = {}
         self.calib_info: dict[str, Any] = {}
         self.precision: Precision | None = None
@@ -178,6 +182,7 @@ class _Run:
         self.plan: MemoryPlan | None = None
         self.where = "starting"  # what the run is doing, for a message if memory runs out
         self.finished_summary: dict[str, Any] | None = None
+        self.kept: dict[int, dict[str, list[int]]] = {}
         record.write_config(config.to_dict())
         record.write_summary(self._summary("running"))  # a crash leaves this: the folder says it never finished
 
@@ -253,6 +258,9 @@ class _Run:
         self.model, self.tokenizer, self.dense = load_model_cached(source, self.precision.storage,
                                                                    count_params(model_config))
         self.adapter = LlamaAdapter(self.model)
+        # the dense sizes every sparsity is measured against (a structurally pruned block has smaller matrices)
+        self.dense_numel = st.dense_numel(model_config)
+        self.params.setdefault("dense", sum(t.numel() for t in self.model.parameters()))
         p = self.precision
         yield self.emit(Notice("info", f"loaded {source.label}: {self.adapter.num_blocks} blocks, "
                                        f"{count_params(model_config) / 1e6:.0f}M parameters; device {p.device}, "
@@ -313,6 +321,24 @@ class _Run:
             if value > context:
                 raise ConfigError(name, f"{value} tokens is beyond the model's context of {context}",
                                   f"use at most {context}")
+        if cfg.prune.structured:
+            n = model_config.num_hidden_layers
+            pruned = st.pruned_blocks(n, cfg.prune.keep_first, cfg.prune.keep_last)
+            if not pruned:
+                raise ConfigError("prune.keep_first", f"keeping the first {cfg.prune.keep_first} and last "
+                                  f"{cfg.prune.keep_last} blocks whole leaves none of the model's {n} to prune",
+                                  "lower --keep-first / --keep-last")
+            ratio = st.block_ratio(cfg.prune.sparsity, n, len(pruned))
+            if ratio > 0.9:
+                most = 0.9 * len(pruned) / n
+                raise ConfigError("prune.sparsity", f"removing {cfg.prune.sparsity:g} of all blocks' weights from "
+                                  f"only {len(pruned)} of {n} blocks takes {ratio:.0%} of each",
+                                  f"use a sparsity up to {most:.2f}, or keep fewer blocks whole (--keep-first, "
+                                  "--keep-last)")
+            if cfg.prune.taylor_seqlen > cfg.calib.seqlen or cfg.prune.taylor_samples > cfg.calib.nsamples:
+                raise ConfigError("prune.taylor_samples", f"the importance pass takes {cfg.prune.taylor_samples} x "
+                                  f"{cfg.prune.taylor_seqlen} tokens from {cfg.calib.nsamples} calibration samples "
+                                  f"of {cfg.calib.seqlen}", "use at most as many samples and tokens as calibration has")
         nm = cfg.prune.nm
         if nm is not None:
             for width in (model_config.hidden_size, model_config.intermediate_size):
@@ -343,8 +369,17 @@ class _Run:
             zeroshot.check_tasks(cfg.eval.zeroshot, cfg.eval.zeroshot_include)
         self.calib_ids = calibration_tokens(self.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
                                             cfg.seed, model=self.model, precision=self.precision)
+        if cfg.calib.self_nsamples:  # Shin et al.'s mix: generated text for the reconstruction, appended
+            cached = self_cache_path(self.model, cfg.calib.self_nsamples, cfg.calib.seqlen, cfg.seed).is_file()
+            yield self.emit(Notice("info", f"calibration: {cfg.calib.self_nsamples} sequences generated by the dense "
+                                           f"model appended for the reconstruction only " +
+                                           ("(from the cache)" if cached else "(generating now; cached afterwards)")))
+            generated = calibration_tokens(self.tokenizer, "self", cfg.calib.self_nsamples, cfg.calib.seqlen,
+                                           cfg.seed, model=self.model, precision=self.precision)
+            self.calib_ids = torch.cat([self.calib_ids, generated])
         self.calib_info = {"source": cfg.calib.source, "nsamples": cfg.calib.nsamples,
-                           "seqlen": cfg.calib.seqlen, "tokens": int(self.calib_ids.numel())}
+                           "seqlen": cfg.calib.seqlen, "self_nsamples": cfg.calib.self_nsamples,
+                          "tokens": int(self.calib_ids.numel())}
         yield self.emit(self._phase_done("data", "", t))
 
     def _evaluate(self, label: str) -> Iterator[Event]:
@@ -390,8 +425,9 @@ class _Run:
         model's own stream (global propagation, REFERENCE.md §7)."""
         cfg, p, adapter = self.config, self.precision, self.adapter
         owl = method_name.startswith(OWL_PREFIX)
-        method = get_method(method_name[len(OWL_PREFIX):] if owl else method_name)
-        needs = method.needs_with(cfg.prune)
+        structured = method_name in STRUCTURED_METHODS
+        method = None if structured else get_method(method_name[len(OWL_PREFIX):] if owl else method_name)
+        needs = frozenset() if structured else method.needs_with(cfg.prune)
         phase = "ebft" if train else "prune"
         yield self.emit(PhaseStarted(phase, label))
         t_phase = time.perf_counter()
@@ -408,6 +444,15 @@ class _Run:
             sparsities = yield from self._owl_profile(call)
             yield self.emit(Notice("info", f"OWL per-block sparsity for {label}: " +
                                            ", ".join(f"{s:.3f}" for s in sparsities)))
+        scores, first_pruned = None, 0
+        self.kept = {}  # block index -> the groups a structurally pruned block kept (for the checkpoint, digest)
+        if structured:
+            pruned = st.pruned_blocks(n_blocks, cfg.prune.keep_first, cfg.prune.keep_last)
+            ratio = st.block_ratio(cfg.prune.sparsity, n_blocks, len(pruned))
+            sparsities = [ratio if i in pruned else 0.0 for i in range(n_blocks)]
+            first_pruned = pruned[0]
+            if start < n_blocks:  # from the dense model, before any block of this variant is pruned or restored
+                scores = yield from self._taylor(pruned)
         self.profiles[label] = [round(s, 6) for s in sparsities]
         hidden = self._embed_calibration() if needs_forward else None  # (n, seq, hidden)
         dense_hidden = None
@@ -425,9 +470,9 @@ class _Run:
             self.checkpoints.start(label)
         else:
             hidden = yield from self._restore(label, start, call, hidden)
-            for block in list(adapter.blocks)[:start]:
-                mask_digest_update(digest, adapter.linears(block))
-                block_zeros, block_total = _count_zeros(adapter.linears(block))
+            for i, block in enumerate(list(adapter.blocks)[:start]):
+                mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
+                block_zeros, block_total = _count_zeros(adapter.linears(block), self.dense_numel)
                 zeros, total = zeros + block_zeros, total + block_total
         for i, block in enumerate(adapter.blocks):
             if i < start:
@@ -449,9 +494,16 @@ class _Run:
                         self._forward(block, call, hidden, stats=stats, keep=False)
                 targets, _ = self._forward(block, call, dense_hidden, keep=True)
                 dense_hidden = targets  # the dense output is the next block's dense input
-            masks = self._prune(block, method, stats, sparsities[i])
+            if structured:
+                masks = self._shrink(block, i, scores, sparsities[i])
+            else:
+                masks = self._prune(block, method, stats, sparsities[i])
             initial = final = None
-            if train:
+            # A block left whole by structured pruning computes its own target (the dense block on the same
+            # inputs), so there is nothing to train; with global propagation its target differs once the
+            # stream has passed a pruned block.
+            trains = train and (sparsities[i] > 0 or (gp and i > first_pruned))
+            if trains:
                 block.float()
                 result = yield from self._train(block, call, hidden, targets, masks, label, i)
                 block.to(p.storage)
@@ -461,7 +513,7 @@ class _Run:
                                                       "block was restored to its pruned weights and the run goes on"))
             if needs_forward:
                 outputs, final = self._forward(block, call, hidden, targets=targets, keep=True)
-                if train and final > initial:
+                if trains and final > initial:
                     # Training raised the loss on its own data (too high a learning rate for this block):
                     # keep the pruned weights, which reconstruct better, and say so.
                     result.restore_pruned(block)
@@ -470,22 +522,26 @@ class _Run:
                                                       "A lower learning rate may help"))
                     outputs, final = self._forward(block, call, hidden, targets=targets, keep=True)
                 hidden = outputs
-            layers = {name: float((l.weight == 0).float().mean()) for name, l in adapter.linears(block).items()}
-            block_zeros, block_total = _count_zeros(adapter.linears(block))
-            mask_digest_update(digest, adapter.linears(block))
+            layers = {name: 1 - int(torch.count_nonzero(l.weight)) / self.dense_numel[name]
+                      for name, l in adapter.linears(block).items()}
+            block_zeros, block_total = _count_zeros(adapter.linears(block), self.dense_numel)
+            mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
             block.to("cpu")
             self._checkpoint(label, i, block)
             zeros, total = zeros + block_zeros, total + block_total
             done = BlockFinished(label=label, block=i, total=n_blocks, initial_loss=initial,
-                                 final_loss=final if train else None, seconds=time.perf_counter() - t_block,
+                                 final_loss=final if trains else None, seconds=time.perf_counter() - t_block,
                                  sparsity=block_zeros / block_total, layers=layers)
-            if train:
+            if trains:
                 self.blocks.append({"label": label, "index": i, "initial_loss": initial, "final_loss": final,
                                     "seconds": done.seconds, "sparsity": done.sparsity})
                 self.record.write_summary(self._summary("running"))  # the block's row survives a crash
             yield self.emit(done)
         self.sparsity[label] = zeros / total
         self.masks[label] = digest.hexdigest()[:16]
+        self.params[label] = sum(t.numel() for t in self.model.parameters())
+        if structured:
+            self.structure[label] = [st.counts(b) for b in adapter.blocks]
         yield self.emit(self._phase_done(phase, label, t_phase))
 
     def _restore(self, label: str, start: int, call, hidden: torch.Tensor | None):
@@ -497,7 +553,9 @@ class _Run:
         for i, block in enumerate(list(self.adapter.blocks)[:start]):
             if self.cancelled():
                 raise Cancelled()
-            self.checkpoints.load(label, i, block)
+            kept = self.checkpoints.load(label, i, block)
+            if kept is not None:
+                self.kept[i] = kept
             if redo:
                 block.to(p.device)
                 hidden, _ = self._forward(block, call, hidden, keep=True)
@@ -506,7 +564,7 @@ class _Run:
 
     def _checkpoint(self, label: str, index: int, block: nn.Module) -> None:
         try:
-            self.checkpoints.save(label, index, block)
+            self.checkpoints.save(label, index, block, structure=self.kept.get(index))
         except OSError as e:
             raise EbftError(f"could not write the checkpoint of block {index} under {self.checkpoints.dir} "
                             f"({e.strerror or e}); free some disk space, then continue the run with "
@@ -526,20 +584,29 @@ class _Run:
         p = self.precision
         out = torch.empty_like(hidden) if keep else None
         sq, count = 0.0, 0
-        for start in range(0, hidden.shape[0], INFER_BATCH):
+        # The pruning statistics see the source's calibration sequences only, never the self-generated ones
+        # appended after them (calib.self_nsamples): batches do not straddle the boundary.
+        primary = min(self.config.calib.nsamples, hidden.shape[0])
+        spans = [(a, min(a + INFER_BATCH, b)) for a0, b in ((0, primary), (primary, hidden.shape[0]))
+                 for a in range(a0, b, INFER_BATCH)]
+        for start, end in spans:
             if self.cancelled():
                 raise Cancelled()
-            x = hidden[start:start + INFER_BATCH].to(p.device)
+            x = hidden[start:end].to(p.device)
+            if stats is not None:
+                stats.enabled = start < primary
             with p.autocast():
                 y = call(block, x)
-            if stats is not None:
+            if stats is not None and start < primary:
                 stats.count(x.shape[0])
             if targets is not None:
-                t = targets[start:start + INFER_BATCH].to(p.device)
+                t = targets[start:end].to(p.device)
                 sq += torch.sum((y.float() - t.float()) ** 2).item()
                 count += t.numel()
             if keep:
-                out[start:start + INFER_BATCH] = y.to(out.dtype).to(out.device)
+                out[start:end] = y.to(out.dtype).to(out.device)
+        if stats is not None:
+            stats.enabled = True
         return out, (sq / count if count else None)
 
     def _lora(self, method: str) -> Iterator[Event]:
@@ -555,13 +622,14 @@ class _Run:
         self.where = "the LoRA training"
         yield self.emit(PhaseStarted("lora", "lora"))
         t = time.perf_counter()
-        with lora_adapters(self.model, cfg) as peft_model:
+        with lora_adapters(self.model, cfg, structured=self.config.prune.structured) as peft_model:
             gen = train_lora(peft_model, self.calib_ids, cfg, self.precision, seed=self.config.seed,
                              budget_seconds=budget, cancelled=self.cancelled)
             result = yield from _emitting(gen, self.emit)
             self.lora_info = {"steps": result.steps, "epochs": round(result.epochs, 2),
                               "seconds": round(result.seconds, 1), "adapter_params": result.adapter_params,
-                              "targets": cfg.target_modules(), "rank": cfg.rank, "alpha": cfg.alpha,
+                              "targets": cfg.target_modules(self.config.prune.structured), "rank": cfg.rank,
+                              "alpha": cfg.alpha,
                               "budget": "ebft's time" if budget else f"{cfg.epochs} epochs",
                               "first_loss": result.first_loss, "last_loss": result.last_loss}
             yield self.emit(Notice("info", f"LoRA: {result.steps} steps ({result.epochs:.2f} epochs) in "
@@ -571,10 +639,11 @@ class _Run:
             yield self.emit(self._phase_done("lora", "lora", t))
             if "lora" not in self.ppl:
                 yield from self._evaluate("lora")
-            merge_and_remask(peft_model)
+            merge_and_remask(peft_model, remask=not self.config.prune.structured)
         zeros, total = _count_zeros({f"{i}.{n}": l for i, b in enumerate(self.adapter.blocks)
-                                     for n, l in self.adapter.linears(b).items()})
+                                     for n, l in self.adapter.linears(b).items()}, self.dense_numel)
         self.sparsity["lora-merged"] = zeros / total
+        self.params["lora-merged"] = sum(t.numel() for t in self.model.parameters())
         if "lora-merged" not in self.ppl:
             yield from self._evaluate("lora-merged")
 
@@ -608,6 +677,27 @@ class _Run:
         yield self.emit(Notice("info", "OWL outlier ratios (%): " + ", ".join(f"{x:.2f}" for x in lods)))
         return owl_sparsities(lods, cfg.sparsity, cfg.owl_lambda)
 
+    def _taylor(self, pruned: list[int]) -> Iterator[Event]:
+        """LLM-Pruner's Taylor importance of every group in the blocks to prune, from the dense model."""
+        cfg, p = self.config.prune, self.precision
+        self.where = "the importance pass of structured pruning"
+        t = time.perf_counter()
+        ids = self.calib_ids[:cfg.taylor_samples, :cfg.taylor_seqlen]
+        scores = st.taylor_importance(self.model, self.adapter.blocks, pruned, ids, p)
+        yield self.emit(Notice("info", f"structured pruning: Taylor importance of heads and channels in blocks "
+                                       f"{pruned[0]}-{pruned[-1]} from {ids.shape[0]} x {ids.shape[1]} calibration "
+                                       f"tokens in {time.perf_counter() - t:.1f} s"))
+        return scores
+
+    def _shrink(self, block: nn.Module, index: int, scores, ratio: float) -> dict:
+        """Structured pruning of one block: remove its least important heads and channels (no masks to hold:
+        the matrices are smaller)."""
+        if ratio > 0:
+            kept = st.choose(block, scores[index], ratio)
+            st.shrink(block, kept)
+            self.kept[index] = kept.to_dict()
+        return {}
+
     def _prune(self, block: nn.Module, method, stats: StatsCollector,
                sparsity: float) -> dict[nn.Parameter, torch.Tensor]:
         cfg = self.config.prune
@@ -627,6 +717,8 @@ class _Run:
         try:
             self.model.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
+            if self.config.prune.structured:  # its config states the dense sizes: record each block's own
+                save_structure(path, self.model, [st.counts(b) for b in self.adapter.blocks])
         except OSError as e:
             raise EbftError(f"save_model: cannot write {path!r} ({e.strerror}); choose a writable folder") from None
 
@@ -654,6 +746,7 @@ class _Run:
             "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity),
             "mask_sha256": dict(self.masks), "sparsity_profile": dict(self.profiles), "blocks": list(self.blocks),
             "lora": dict(self.lora_info), "zeroshot": dict(self.zeroshot),
+            "params": dict(self.params), "structure": dict(self.structure),
             "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
             "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
                                                  "compute": _name(p.compute)},
@@ -683,9 +776,13 @@ def _emitting(gen, emit):
         return stop.value
 
 
-def _count_zeros(linears: dict[str, nn.Linear]) -> tuple[int, int]:
-    zeros = sum(int((l.weight == 0).sum()) for l in linears.values())
-    return zeros, sum(l.weight.numel() for l in linears.values())
+def _count_zeros(linears: dict[str, nn.Linear], dense_numel: dict[str, int]) -> tuple[int, int]:
+    """(weights removed, weights of the dense layers): zeros, and for a structurally pruned layer also the rows
+    and columns it no longer has. ``dense_numel`` maps a layer's short name (the part after the last dot) to its
+    dense size."""
+    total = sum(dense_numel[name.rsplit(".", 1)[-1]] for name in linears)
+    kept = sum(int(torch.count_nonzero(l.weight)) for l in linears.values())
+    return total - kept, total
 
 
 def _seed_everything(seed: int) -> None:

@@ -15,6 +15,8 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
   block with saved_tensors_hooks, widths 576 to 2048: within 0.1%), doubled without autocast, and the
   backward pass's transient gradients of the widest activations (about 12f + 8h per token);
 - SparseGPT's Hessians: (3h^2 + f^2) float32 per block, times three while the inverse is factorised;
+- structured pruning's importance pass (LLM-Pruner): the whole model on the device and one backward pass over
+  taylor_samples x taylor_seqlen tokens, each weight's gradient reduced as soon as it exists;
 - evaluation: one block, the LM head and a 256-token slice of logits on the device; all windows' hidden
   states on the host;
 - on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a GGUF
@@ -166,7 +168,7 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
     on_gpu = p.device.type != "cpu"
     model = s.params * sb
     snapshot = s.layers * pb * sb if s.params <= CACHE_MAX_PARAMS else 0
-    act = cfg.calib.nsamples * cfg.calib.seqlen * h * sb
+    act = cfg.calib.total * cfg.calib.seqlen * h * sb
     base = RUNTIME_BYTES + model + snapshot
     autocast = 1 if p.compute is not None else 2
 
@@ -178,11 +180,12 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
     phases.append(PhasePlan("load", 0, RUNTIME_BYTES + model + load_transient, {"model": model}))
 
     gen = 0
-    if cfg.calib.source == "self" and not calib_cached:
+    generated = cfg.calib.nsamples if cfg.calib.source == "self" else cfg.calib.self_nsamples
+    if generated and not calib_cached:
         # generation runs a bfloat16 copy of the model with a KV cache over all sequences of a batch
         copy = s.params * 2
-        kv_cache = min(cfg.calib.nsamples, 32) * cfg.calib.seqlen * s.layers * 2 * kv * 2
-        gen = copy + kv_cache + min(cfg.calib.nsamples, 32) * s.vocab * 4 * 2
+        kv_cache = min(generated, 32) * cfg.calib.seqlen * s.layers * 2 * kv * 2
+        gen = copy + kv_cache + min(generated, 32) * s.vocab * 4 * 2
     phases.append(PhasePlan("data", gen if on_gpu else 0, base + (0 if on_gpu else gen), {"generation": gen}))
 
     eval_seqlen = cfg.eval.seqlen or 2048
@@ -191,6 +194,17 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
     phases.append(PhasePlan("eval", eval_dev if on_gpu else 0,
                             base + eval_hidden + (0 if on_gpu else inference(EVAL_BATCH * eval_seqlen)),
                             {"hidden states": eval_hidden}))
+
+    if cfg.prune.structured:
+        # LLM-Pruner's importance pass: the whole model on the device, one backward of the language-model loss
+        # over a few short sequences; each weight's gradient is reduced to its group sums and dropped at once
+        tokens = cfg.prune.taylor_samples * cfg.prune.taylor_seqlen
+        saved = autocast * tokens * (30 * h + 8 * f + 4 * kv) * s.layers
+        logits = tokens * s.vocab * (2 + 4 + 4)
+        grads = 3 * h * f * 4  # the widest weight's gradient and its float32 product with the weight
+        taylor = saved + logits + grads + tokens * (12 * f + 8 * h)
+        phases.append(PhasePlan("importance", model + taylor if on_gpu else 0, base + (0 if on_gpu else taylor),
+                                {"autograd": saved, "logits": logits}))
 
     methods = set(cfg.baselines) | {cfg.prune.method}
     hessians = 3 * (3 * h * h + f * f) * 4 if "sparsegpt" in methods else 0

@@ -70,7 +70,8 @@ CONTROL_FIELDS = ["model", "prune.method", "prune.pattern", "prune.sparsity", "c
                   "calib.seqlen", "ebft.epochs", "ebft.lr", "ebft.batch_size", "eval.source", "eval.seqlen",
                   "eval.windows", "baselines", "seed", "save_model", "recoveries", "prune.dsnot_init",
                   "prune.dsnot_layers", "prune.owl_lambda", "prune.owl_m", "lora.rank", "lora.lr", "lora.budget",
-                  "eval.zeroshot", "eval.zeroshot_limit"]
+                  "eval.zeroshot", "eval.zeroshot_limit", "prune.keep_first", "prune.keep_last",
+                  "prune.taylor_samples", "prune.taylor_seqlen", "calib.self_nsamples"]
 METHOD_CHOICES = list(PRUNE_METHODS) + [OWL_PREFIX + m for m in ("wanda", "sparsegpt", "magnitude", "dsnot")]
 
 
@@ -99,8 +100,11 @@ def values_to_config(values: list[Any], base: RunConfig | None = None) -> RunCon
     fields["eval.seqlen"] = _whole(fields["eval.seqlen"]) or None
     for name in ("calib.nsamples", "calib.seqlen", "ebft.epochs", "ebft.batch_size", "seed", "lora.rank"):
         fields[name] = _whole(fields[name])
-    if fields["prune.pattern"] != "unstructured":
+    if fields["prune.pattern"] not in ("unstructured", "structured"):
         fields["prune.sparsity"] = None  # N:M fixes the sparsity
+    for name in ("prune.keep_first", "prune.keep_last", "prune.taylor_samples", "prune.taylor_seqlen",
+                 "calib.self_nsamples"):
+        fields[name] = _whole(fields[name])
     fields["baselines"] = list(fields["baselines"] or [])
     fields["recoveries"] = list(fields["recoveries"] or ["ebft"])
     fields["eval.zeroshot"] = [t.strip() for t in str(fields["eval.zeroshot"] or "").split(",") if t.strip()]
@@ -130,14 +134,16 @@ def outputs_for(view: RunView) -> tuple:
 def start_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
               eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
               dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot,
-              zeroshot_limit, request: gr.Request):
+              zeroshot_limit, keep_first, keep_last, taylor_samples, taylor_seqlen, self_nsamples,
+              request: gr.Request):
     """Generator behind Run: streams a few updates a second while the engine works, and the final state.
 
     The parameters follow CONTROL_FIELDS; ``request`` identifies the browser session, so Stop stops only it.
     """
     values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size, eval_source,
               eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init, dsnot_layers,
-              owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot, zeroshot_limit]
+              owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot, zeroshot_limit, keep_first, keep_last,
+              taylor_samples, taylor_seqlen, self_nsamples]
     session = getattr(request, "session_hash", None) or "local"
     view = RunView()
     try:
@@ -234,7 +240,8 @@ _steppers: dict[str, tuple[Any, RunView]] = {}
 def step_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
              eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
              dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot,
-             zeroshot_limit, request: gr.Request):
+             zeroshot_limit, keep_first, keep_last, taylor_samples, taylor_seqlen, self_nsamples,
+              request: gr.Request):
     """Generator behind Step: the first click starts a run; every click advances it by one block."""
     session = getattr(request, "session_hash", None) or "local"
     with _lock:
@@ -242,7 +249,8 @@ def step_run(model, method, pattern, sparsity, calib_source, nsamples, seqlen, e
     if stepper is None:
         values = [model, method, pattern, sparsity, calib_source, nsamples, seqlen, epochs, lr, batch_size,
                   eval_source, eval_seqlen, eval_windows, baselines, seed, save_model, recoveries, dsnot_init,
-                  dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot, zeroshot_limit]
+                  dsnot_layers, owl_lambda, owl_m, lora_rank, lora_lr, lora_budget, zeroshot, zeroshot_limit,
+                  keep_first, keep_last, taylor_samples, taylor_seqlen, self_nsamples]
         view = RunView()
         _close_paused_steppers()
         try:
@@ -428,8 +436,10 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
     with gr.Accordion("Pruning", open=True):
         method = gr.Dropdown(METHOD_CHOICES, value=v["prune.method"], label="Method (EBFT starts from it)",
                              info="owl-: OWL's outlier-weighted sparsity per block")
-        pattern = gr.Dropdown(["unstructured", "2:4", "4:8"], value=v["prune.pattern"], label="Pattern")
-        sparsity = gr.Slider(0.0, 0.95, value=v["prune.sparsity"], step=0.05, label="Sparsity (unstructured)")
+        pattern = gr.Dropdown(["unstructured", "2:4", "4:8", "structured"], value=v["prune.pattern"],
+                              label="Pattern", info="structured: whole heads and MLP channels (method llm-pruner)")
+        sparsity = gr.Slider(0.0, 0.95, value=v["prune.sparsity"], step=0.05, label="Sparsity",
+                             info="unstructured: per layer; structured: of all blocks' weights; N:M fixes it")
         baselines = gr.CheckboxGroup(METHOD_CHOICES, value=v["baselines"], label="Baselines to compare")
         recoveries = gr.CheckboxGroup(list(RECOVERIES), value=v["recoveries"], label="Recoveries",
                                       info="ebft: target the dense block on the sparse inputs (the paper); "
@@ -441,12 +451,20 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
         with gr.Row():
             owl_lambda = gr.Number(v["prune.owl_lambda"], label="OWL λ (sparsity spread)")
             owl_m = gr.Number(v["prune.owl_m"], label="OWL M (outlier threshold)")
+        with gr.Row():
+            keep_first = gr.Number(v["prune.keep_first"], precision=0, label="Structured: keep first blocks")
+            keep_last = gr.Number(v["prune.keep_last"], precision=0, label="Structured: keep last blocks")
+        with gr.Row():
+            taylor_samples = gr.Number(v["prune.taylor_samples"], precision=0, label="Taylor importance: samples")
+            taylor_seqlen = gr.Number(v["prune.taylor_seqlen"], precision=0, label="Taylor importance: tokens each")
     with gr.Accordion("Calibration", open=False):
         calib = gr.Dropdown(["self", "c4", "wikitext2"], value=v["calib.source"], allow_custom_value=not spaces,
                             label="Source", info="self: text the model writes itself" +
                             ("" if spaces else "; or file:PATH"))
         nsamples = gr.Number(v["calib.nsamples"], precision=0, label="Samples")
         seqlen = gr.Number(v["calib.seqlen"], precision=0, label="Tokens per sample")
+        self_nsamples = gr.Number(v["calib.self_nsamples"], precision=0, label="Add self-generated samples",
+                                  info="for the reconstruction only (Shin et al.); not with source self")
     with gr.Accordion("EBFT", open=False, elem_id="acc-ebft"):
         epochs = gr.Number(v["ebft.epochs"], precision=0, label="Epochs per block")
         lr = gr.Number(v["ebft.lr"], label="Learning rate")
@@ -469,7 +487,8 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
         save = gr.Textbox(v["save_model"], label="Save the EBFT model to folder (optional)", visible=not spaces)
     return [model, method, pattern, sparsity, calib, nsamples, seqlen, epochs, lr, batch, eval_source, eval_seqlen,
             eval_windows, baselines, seed, save, recoveries, dsnot_init, dsnot_layers, owl_lambda, owl_m, lora_rank,
-            lora_lr, lora_budget, zeroshot, zeroshot_limit]
+            lora_lr, lora_budget, zeroshot, zeroshot_limit, keep_first, keep_last, taylor_samples, taylor_seqlen,
+            self_nsamples]
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from ebft_engine import read_events
+from ebft_engine.cli import PROTOCOL_128
 from ebft_engine.record import status_of
 
 from .state import RunView, fold
@@ -21,7 +22,8 @@ def protocol(view: RunView) -> str:
         return ""
     total = info.get("total_windows")
     windows = f"{info.get('windows')} of {total} windows" if total else f"{info.get('windows')} windows"
-    return (f"{info.get('description') or info.get('source')}, seqlen {info.get('seqlen')}, {windows} "
+    llm_pruner = PROTOCOL_128 if info.get("seqlen") == 128 else ""
+    return (f"{info.get('description') or info.get('source')}, seqlen {info.get('seqlen')}{llm_pruner}, {windows} "
             f"({'partial' if info.get('partial') else 'full'}), {info.get('tokens')} tokens")
 
 
@@ -38,6 +40,11 @@ def ppl_table(view: RunView) -> pd.DataFrame:
         adapters = (view.summary.get("lora") or {}).get("adapter_params") if view.summary else None
         if label == "lora" and adapters:
             text += f" + {adapters / 1e6:.2f}M adapter weights"
+        params = (view.summary.get("params") or {}).get(label) if view.summary else None
+        structured = ((view.summary.get("config") or {}).get("prune") or {}).get("pattern") == "structured" \
+            if view.summary else False
+        if structured and params:  # structured pruning makes the model itself smaller
+            text = (text + ", " if text else "") + f"{params / 1e6:.1f}M parameters"
         rows.append([label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×", text])
     table = pd.DataFrame(rows, columns=PPL_COLUMNS)
     if view.zeroshot:  # one column per task: acc (acc_norm)

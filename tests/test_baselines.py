@@ -150,3 +150,27 @@ def test_merge_and_remask_keeps_pruned_weights_zero():
     w = model.q_proj.weight
     assert type(model.q_proj) is nn.Linear
     assert bool((w[:, :4] == 0).all()) and not torch.equal(w[:, 4:], pruned[:, 4:])
+
+
+def test_self_generated_sequences_feed_the_reconstruction_but_not_the_pruning_statistics(tiny_run_config):
+    """Shin et al.'s calibration mix: generated sequences are appended for EBFT; the masks (Wanda, SparseGPT and
+    OWL statistics) come from the source's sequences alone, so they are the same as without the mix."""
+    base = tiny_run_config.with_overrides({"baselines": ["owl-wanda", "sparsegpt"], "ebft.epochs": 2})
+    plain = list(run(base))[-1].summary
+    mixed_events = list(run(base.with_overrides({"calib.self_nsamples": 4})))
+    mixed = mixed_events[-1].summary
+    assert mixed["status"] == "finished"
+    assert mixed["calibration"]["self_nsamples"] == 4
+    assert mixed["calibration"]["tokens"] == (8 + 4) * 32
+    assert any("appended for the reconstruction only" in e.text for e in mixed_events if e.kind == "notice")
+    # (EBFT's masks may differ after block 0: each block is pruned on the outputs of the blocks trained before it)
+    for label in ("owl-wanda", "sparsegpt"):
+        assert mixed["mask_sha256"][label] == plain["mask_sha256"][label], label
+    assert mixed["sparsity_profile"]["owl-wanda"] == plain["sparsity_profile"]["owl-wanda"]
+    assert mixed["ppl"]["sparsegpt"] == pytest.approx(plain["ppl"]["sparsegpt"], rel=1e-9)
+    assert mixed["ppl"]["ebft"] != pytest.approx(plain["ppl"]["ebft"], rel=1e-6)  # EBFT trained on more data
+
+
+def test_mixing_generated_sequences_into_a_generated_set_is_refused():
+    with pytest.raises(ConfigError, match="already generated"):
+        RunConfig.from_dict({"calib": {"source": "self", "self_nsamples": 8}})

@@ -13,7 +13,7 @@ from ebft_engine.config import PruneConfig
     ({"prune.sparsity": "lots"}, "prune.sparsity", "not a number"),
     ({"prune.pattern": "4:2"}, "prune.pattern", "N<M|0 < N < M"),
     ({"prune.pattern": "2:2"}, "prune.pattern", "0 < N < M"),
-    ({"prune.pattern": "banana"}, "prune.pattern", "neither 'unstructured' nor N:M"),
+    ({"prune.pattern": "banana"}, "prune.pattern", "neither 'unstructured', 'structured' nor N:M"),
     ({"prune.pattern": "2:4", "prune.sparsity": 0.7}, "prune.sparsity", "disagrees with pattern 2:4"),
     ({"prune.method": "random"}, "prune.method", "unknown method"),
     ({"calib.nsamples": 0}, "calib.nsamples", "below 1"),

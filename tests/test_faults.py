@@ -96,10 +96,10 @@ def test_a_disk_that_fills_up_mid_run_fails_cleanly_and_resumes(tiny_run_config,
 
     real = Checkpoints.save
 
-    def full(self, label, index, block):
+    def full(self, label, index, block, **kwargs):
         if label == "ebft" and index == 1:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, label, index, block)
+        return real(self, label, index, block, **kwargs)
 
     monkeypatch.setattr(Checkpoints, "save", full)
     events = list(run(tiny_run_config))

@@ -170,3 +170,19 @@ def test_owl_and_global_propagation_resume_to_the_same_result(four_block_config,
         assert summary["ppl"][label] == pytest.approx(ppl, rel=1e-3), label
     assert [(b["label"], b["index"]) for b in summary["blocks"]] == [(b["label"], b["index"])
                                                                       for b in reference["blocks"]]
+
+
+def test_a_structured_run_resumes_with_the_same_smaller_blocks(four_block_config, tmp_path):
+    """Checkpoints of structurally pruned blocks carry which heads and channels they kept: a killed run resumes
+    into the same smaller model."""
+    config = four_block_config.with_overrides({
+        "prune.method": "llm-pruner", "prune.pattern": "structured", "prune.sparsity": 0.25, "prune.keep_first": 1,
+        "prune.keep_last": 1, "prune.taylor_samples": 4, "prune.taylor_seqlen": 16, "baselines": ["llm-pruner"]})
+    reference = _uninterrupted(config, tmp_path)
+    run_dir = _kill_at(config.with_overrides({"save_model": str(tmp_path / "model")}), tmp_path,
+                       "block_started", "ebft", "2")
+    events = list(resume(run_dir))
+    assert any("blocks 0-1 restored" in e.text for e in events if e.kind == "notice")
+    summary = events[-1].summary
+    _assert_same_result(summary, reference, tmp_path / "model", tmp_path / "reference-model")
+    assert summary["structure"] == reference["structure"] and summary["params"] == reference["params"]

@@ -41,14 +41,14 @@ class LoraResult:
 
 
 @contextlib.contextmanager
-def lora_adapters(model: nn.Module, cfg: LoraConfig):
+def lora_adapters(model: nn.Module, cfg: LoraConfig, structured: bool = False):
     """Inject adapters into ``model`` in place (its modules gain LoRA wrappers); yield the peft model. On exit
     every wrapper is removed again (merged or not, see :func:`merge_and_remask`), whatever happened."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                      target_modules=cfg.target_modules(), bias="none"))
+                                                      target_modules=cfg.target_modules(structured), bias="none"))
     try:
         yield peft_model
     finally:
@@ -122,13 +122,15 @@ def train_lora(peft_model: nn.Module, ids: torch.Tensor, cfg: LoraConfig, precis
 
 
 @torch.no_grad()
-def merge_and_remask(peft_model: nn.Module) -> None:
-    """Merge every adapter into its weight, then zero the weights the mask had pruned (one layer at a time)."""
+def merge_and_remask(peft_model: nn.Module, remask: bool = True) -> None:
+    """Merge every adapter into its weight, then zero the weights the mask had pruned (one layer at a time).
+    ``remask=False`` after structured pruning: there is no mask, the smaller matrices are dense."""
     from peft.tuners.lora import LoraLayer
 
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
-            mask = base.weight != 0
+            mask = base.weight != 0 if remask else None
             module.merge()
-            base.weight.mul_(mask)
+            if mask is not None:
+                base.weight.mul_(mask)

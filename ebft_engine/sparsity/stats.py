@@ -25,10 +25,13 @@ class StatsCollector:
         self.x_sq_sum: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, int] = {}
         self.sequences = 0
+        self.enabled = True  # off while the forward pass runs over sequences that must not count (see pipeline)
         self._stats: dict[str, LayerStats] = {}
 
     def _hook(self, group: str):
         def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output) -> None:
+            if not self.enabled:
+                return
             x = inputs[0].detach()
             x = x.reshape(-1, x.shape[-1]).float()  # (batch*seq, in)
             with torch.autocast(device_type=x.device.type, enabled=False):  # XᵀX in float32, not bf16
