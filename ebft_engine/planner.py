@@ -16,7 +16,8 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
   backward pass's transient gradients of the widest activations (about 12f + 8h per token);
 - SparseGPT's Hessians: (3h^2 + f^2) float32 per block, times three while the inverse is factorised;
 - structured pruning's importance pass (LLM-Pruner): the whole model on the device and one backward pass over
-  taylor_samples x taylor_seqlen tokens, each weight's gradient reduced as soon as it exists;
+  taylor_samples x taylor_seqlen tokens with activation checkpointing, each weight's gradient reduced to its
+  groups' sums as soon as it exists;
 - evaluation: one block, the LM head and a 256-token slice of logits on the device; all windows' hidden
   states on the host;
 - on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a GGUF
@@ -199,7 +200,8 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
         # LLM-Pruner's importance pass: the whole model on the device, one backward of the language-model loss
         # over a few short sequences; each weight's gradient is reduced to its group sums and dropped at once
         tokens = cfg.prune.taylor_samples * cfg.prune.taylor_seqlen
-        saved = autocast * tokens * (30 * h + 8 * f + 4 * kv) * s.layers
+        # activation checkpointing: every block's input, and one block's saved tensors while it is recomputed
+        saved = tokens * h * sb * s.layers + autocast * tokens * (30 * h + 8 * f + 4 * kv)
         logits = tokens * s.vocab * (2 + 4 + 4)
         grads = 3 * h * f * 4  # the widest weight's gradient and its float32 product with the weight
         taylor = saved + logits + grads + tokens * (12 * f + 8 * h)

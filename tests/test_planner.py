@@ -71,3 +71,16 @@ def test_seven_b_host_memory_stays_close_to_the_model_bytes(paper):
     model_bytes = Shape.of(SEVEN_B["llama-7b"]).params * 2
     evaluation_states = 165 * 2048 * 4096 * 2  # WikiText-2's windows' hidden states, bf16
     assert plan.peak_host < model_bytes + evaluation_states + 1 * GiB
+
+
+def test_structured_pruning_plans_its_whole_model_importance_pass(paper):
+    """LLM-Pruner's importance pass holds the whole model on the device for one short backward pass: planned as
+    its own phase, above the model's bytes; LLaMA-7B still fits a 16 GB GPU."""
+    structured = paper.with_overrides({"prune.method": "llm-pruner", "prune.pattern": "structured",
+                                       "prune.sparsity": 0.2, "baselines": []})
+    plan = plan_memory(SEVEN_B["llama-7b"], structured, CUDA_BF16, device_capacity=GPU16)
+    model_bytes = Shape.of(SEVEN_B["llama-7b"]).params * 2
+    assert model_bytes < plan.phase("importance").device < 14 * GiB
+    assert plan.fits
+    assert "importance" not in {p.phase for p in plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16,
+                                                               device_capacity=GPU16).phases}

@@ -111,10 +111,14 @@ def taylor_importance(model: nn.Module, blocks: nn.ModuleList, indices: list[int
     was_training = model.training
     try:
         model.to(precision.device)
-        model.eval()
+        # Activation checkpointing: backward recomputes each block from its input, so only the blocks' inputs
+        # and one block's internals are held (LLaMA-7B: about 0.3 GiB instead of 4.7 for 10 x 64 tokens).
+        # transformers checkpoints in training mode only; LLaMA-family blocks have no dropout to switch on.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
         batch = ids.to(precision.device)
         with precision.autocast():
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the dense model's loss on the importance samples is {float(loss)}")
         loss.backward()
@@ -124,6 +128,7 @@ def taylor_importance(model: nn.Module, blocks: nn.ModuleList, indices: list[int
         for p in params:
             p.grad = None
             p.requires_grad_(False)
+        model.gradient_checkpointing_disable()
         model.to("cpu")
         model.train(was_training)
     return {i: GroupScores(heads=s["q_proj"] + s["o_proj"], kv_heads=s["k_proj"] + s["v_proj"],

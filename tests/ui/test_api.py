@@ -167,3 +167,22 @@ def test_memory_plan_before_a_run(lab_url):
     assert text.startswith("memory plan: host peak") and "fits" in text and "| ebft |" in text
     bad = client.predict(*_values(**{"model": "/nowhere/model.gguf"}), api_name="/plan")
     assert bad.startswith("⚠️") and "Traceback" not in bad
+
+
+def test_a_structured_run_from_the_controls_reports_the_smaller_model(lab_url):
+    """Method llm-pruner (the pattern dropdown may stay unstructured: the method implies it) on the tiny model,
+    with the first and last of its four blocks kept whole: the table gives every model's parameter count."""
+    from gradio_client import Client
+
+    client = Client(lab_url, verbose=False)
+    values = _values(**{"prune.method": "llm-pruner", "prune.sparsity": 0.2, "baselines": ["llm-pruner"],
+                        "prune.keep_first": 1, "prune.keep_last": 1, "prune.taylor_samples": 4,
+                        "prune.taylor_seqlen": 16})
+    status, _loss, _bars, table, protocol = client.predict(*values, api_name="/run")[:5]
+    assert "finished" in status
+    rows = {row[0]: row for row in table["data"]}
+    assert set(rows) == {"dense", "llm-pruner", "ebft"}
+    sparsity, params = rows["ebft"][3].split(", ")
+    assert abs(float(sparsity.rstrip("%")) - 20) < 1 and params.endswith("M parameters")
+    refused = client.predict(*_values(**{"prune.method": "llm-pruner", "baselines": ["wanda"]}), api_name="/run")
+    assert "run structured pruning (llm-pruner) and the other methods as separate runs" in str(refused)
