@@ -114,7 +114,10 @@ def taylor_importance(model: nn.Module, blocks: nn.ModuleList, indices: list[int
         # Activation checkpointing: backward recomputes each block from its input, so only the blocks' inputs
         # and one block's internals are held (LLaMA-7B: about 0.3 GiB instead of 4.7 for 10 x 64 tokens).
         # transformers checkpoints in training mode only; LLaMA-family blocks have no dropout to switch on.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x on
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         batch = ids.to(precision.device)
         with precision.autocast():
@@ -128,7 +131,7 @@ def taylor_importance(model: nn.Module, blocks: nn.ModuleList, indices: list[int
         for p in params:
             p.grad = None
             p.requires_grad_(False)
-        model.gradient_checkpointing_disable()
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
         model.to("cpu")
         model.train(was_training)
     return {i: GroupScores(heads=s["q_proj"] + s["o_proj"], kv_heads=s["k_proj"] + s["v_proj"],
