@@ -278,7 +278,7 @@ def format_table(summary: dict[str, Any]) -> str:
         s = summary.get("actual_sparsity", {}).get(label)
         n = params.get(label)
         lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |" +
-                     ((f" {n / 1e6:.1f}M |" if n else " - |") if structured else ""))
+                     ((f" {n / 1e6:.1f}M |" if n >= 10 ** 7 else f" {n / 1e6:.3f}M |" if n else " - |") if structured else ""))
     zeroshot = summary.get("zeroshot") or {}
     tasks = list(dict.fromkeys(t for results in zeroshot.values() for t in results))
     if tasks:

@@ -13,7 +13,7 @@ import spaces
 import yaml
 
 from ebft_engine import ConfigError, EbftError, RunConfig, resume, run
-from ebft_engine.config import DSNOT_INITS, DSNOT_LAYERS, OWL_PREFIX, PRUNE_METHODS, RECOVERIES
+from ebft_engine.config import DSNOT_INITS, DSNOT_LAYERS, OWL_PREFIX, PRUNE_METHODS, RECOVERIES, STRUCTURED_METHODS
 from ebft_engine.events import BlockFinished, EvalFinished, RunFinished
 
 from . import plots, policy, tables
@@ -34,8 +34,9 @@ HOW_TO_READ = {
             "repaired. Late blocks carry larger activations, so their losses are larger.",
     "ppl": "Perplexity on held-out text, the same windows for every model. The dense model is the floor; "
            "compare each pruned model with it and EBFT with the method it started from.",
-    "heat": "The fraction of zero weights in each projection of each block, as measured after the run. Uniform "
-            "colour means every layer got the target sparsity exactly.",
+    "heat": "The fraction of each projection's weights pruned in each block (zeroed, or removed with their head or "
+            "channel by structured pruning), as measured after the run. Uniform colour means every layer got the "
+            "target sparsity exactly.",
 }
 
 _cancel: dict[str, threading.Event] = {}  # session -> its Stop flag (never the model: that stays in the engine)
@@ -73,6 +74,14 @@ CONTROL_FIELDS = ["model", "prune.method", "prune.pattern", "prune.sparsity", "c
                   "eval.zeroshot", "eval.zeroshot_limit", "prune.keep_first", "prune.keep_last",
                   "prune.taylor_samples", "prune.taylor_seqlen", "calib.self_nsamples"]
 METHOD_CHOICES = list(PRUNE_METHODS) + [OWL_PREFIX + m for m in ("wanda", "sparsegpt", "magnitude", "dsnot")]
+
+
+def pattern_for_method(method: str, pattern: str) -> Any:
+    """llm-pruner prunes structurally: show the pattern it implies, and leave structured when another method is
+    chosen (every other method prunes weight by weight)."""
+    if method in STRUCTURED_METHODS:
+        return "structured"
+    return "unstructured" if pattern == "structured" else gr.skip()
 
 
 def config_to_values(config: RunConfig) -> list[Any]:
@@ -408,6 +417,9 @@ def build_app() -> gr.Blocks:
         # so edits made after choosing a preset are never silently undone.
         loaded = gr.State(DEFAULT_PRESET)
         preset.change(fill_from_preset, [preset, loaded], controls + [loaded])
+        method_box = controls[CONTROL_FIELDS.index("prune.method")]
+        pattern_box = controls[CONTROL_FIELDS.index("prune.pattern")]
+        method_box.change(pattern_for_method, [method_box, pattern_box], pattern_box, queue=False)
         run_evt = run_btn.click(start_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="run",
                       show_progress="hidden")
         step_btn.click(step_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="step",

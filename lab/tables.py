@@ -27,6 +27,10 @@ def protocol(view: RunView) -> str:
             f"({'partial' if info.get('partial') else 'full'}), {info.get('tokens')} tokens")
 
 
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 10 ** 7 else f"{n / 1e6:.3f}M"
+
+
 def ppl_table(view: RunView) -> pd.DataFrame:
     dense = view.ppl.get("dense")
     sparsity = (view.summary.get("actual_sparsity") or {}) if view.summary else {}
@@ -44,7 +48,7 @@ def ppl_table(view: RunView) -> pd.DataFrame:
         structured = ((view.summary.get("config") or {}).get("prune") or {}).get("pattern") == "structured" \
             if view.summary else False
         if structured and params:  # structured pruning makes the model itself smaller
-            text = (text + ", " if text else "") + f"{params / 1e6:.1f}M parameters"
+            text = (text + ", " if text else "") + f"{_millions(params)} parameters"
         rows.append([label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×", text])
     table = pd.DataFrame(rows, columns=PPL_COLUMNS)
     if view.zeroshot:  # one column per task: acc (acc_norm)

@@ -104,3 +104,11 @@ def test_zero_shot_results_become_table_columns():
                  ZeroShotFinished("dense", {"boolq": {"acc": 0.625, "acc_norm": 0.5, "examples": 8}}, 8, 2.0)])
     table = ppl_table(view)
     assert list(table["boolq acc (norm)"]) == ["0.625 (0.500)"]
+
+
+def test_choosing_llm_pruner_shows_the_structured_pattern_and_leaving_it_goes_back():
+    from lab.app import pattern_for_method
+
+    assert pattern_for_method("llm-pruner", "unstructured") == "structured"
+    assert pattern_for_method("wanda", "structured") == "unstructured"
+    assert pattern_for_method("wanda", "2:4") != "unstructured"  # an N:M choice is left alone
