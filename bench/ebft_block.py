@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peak import gemm_gflops, load_smollm2  # noqa: E402
+from peak import best_ms, gemm_gflops, load_smollm2  # noqa: E402
 
 from ebft_engine.config import EbftConfig  # noqa: E402
 from ebft_engine.data import calibration_tokens  # noqa: E402
@@ -83,16 +83,6 @@ def main() -> None:
     print(f"ebft_block_mfu: {achieved / peak:.3f}")
 
 
-def _best_ms(fn, repeats: int = 5) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, (time.perf_counter() - start) * 1000)
-    return best
-
-
 def _breakdown(config, block, batch: int, seqlen: int, step_s: float, peak: float) -> None:
     """Where a training step's time goes: SDPA attention (causal, GQA) forward + backward, and the seven
     projections' GEMMs forward + backward (bf16, the block's own shapes), each with its GFLOP/s."""
@@ -120,7 +110,7 @@ def _breakdown(config, block, batch: int, seqlen: int, step_s: float, peak: floa
             _ = y @ w
             _ = y.T @ x
 
-    attn_ms, gemm_ms = _best_ms(attention), _best_ms(gemms)
+    attn_ms, gemm_ms = best_ms(attention, 5), best_ms(gemms, 5)
     attn_flops = 3 * 4 * tokens * seqlen * heads * hd / 2  # causal: half of QKᵀ and PV; backward twice forward
     gemm_flops = 6 * tokens * sum(w.numel() for w in weights)
     step_ms = step_s * 1000

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peak import gemm_gflops, load_smollm2  # noqa: E402
+from peak import best_ms, gemm_gflops, load_smollm2  # noqa: E402
 
 from ebft_engine.data import evaluation_tokens  # noqa: E402
 from ebft_engine.evaluate import perplexity  # noqa: E402
@@ -58,16 +58,6 @@ def main() -> None:
     print(f"eval_mfu: {achieved / peak:.3f}")
 
 
-def _best_ms(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, (time.perf_counter() - start) * 1000)
-    return best
-
-
 @torch.no_grad()
 def _breakdown(adapter, config, seqlen: int, tokens: int, seconds: float, peak: float) -> None:
     """The evaluation's time split, scaled from one EVAL_BATCH of windows to all ``tokens``: SDPA attention
@@ -83,14 +73,14 @@ def _breakdown(adapter, config, seqlen: int, tokens: int, seconds: float, peak: 
     q = torch.randn(EVAL_BATCH, heads, seqlen, hd, dtype=torch.bfloat16)
     k = torch.randn(EVAL_BATCH, kv, seqlen, hd, dtype=torch.bfloat16)
     v = torch.randn(EVAL_BATCH, kv, seqlen, hd, dtype=torch.bfloat16)
-    attn_ms = _best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != heads))
+    attn_ms = best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=kv != heads))
     block = adapter.blocks[0]
     weights = [l.weight.to(torch.bfloat16) for l in adapter.linears(block).values()]
     inputs = {w.shape[1]: torch.randn(batch_tokens, w.shape[1], dtype=torch.bfloat16) for w in weights}
-    gemm_ms = _best_ms(lambda: [inputs[w.shape[1]] @ w.T for w in weights])
+    gemm_ms = best_ms(lambda: [inputs[w.shape[1]] @ w.T for w in weights])
     head = adapter.lm_head.weight.to(torch.bfloat16)
     x = torch.randn(batch_tokens, head.shape[1], dtype=torch.bfloat16)
-    head_ms = _best_ms(lambda: x @ head.T)
+    head_ms = best_ms(lambda: x @ head.T)
     total_ms = seconds * 1000
     attn_all, gemm_all, head_all = attn_ms * layers * scale, gemm_ms * layers * scale, head_ms * scale
     gemm_flops = 2 * batch_tokens * sum(w.numel() for w in weights)

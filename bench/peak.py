@@ -30,6 +30,17 @@ def gemm_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 3.0, devi
     return best
 
 
+def best_ms(fn, repeats: int = 3) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (after one warm-up call), in milliseconds."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - start) * 1000)
+    return best
+
+
 def load_smollm2():
     """(precision, model, tokenizer, adapter) for SmolLM2-135M on the CPU, as the engine loads it."""
     from ebft_engine.device import pick_precision
