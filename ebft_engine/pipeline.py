@@ -379,7 +379,7 @@ class _Run:
             self.calib_ids = torch.cat([self.calib_ids, generated])
         self.calib_info = {"source": cfg.calib.source, "nsamples": cfg.calib.nsamples,
                            "seqlen": cfg.calib.seqlen, "self_nsamples": cfg.calib.self_nsamples,
-                          "tokens": int(self.calib_ids.numel())}
+                           "tokens": int(self.calib_ids.numel())}
         yield self.emit(self._phase_done("data", "", t))
 
     def _evaluate(self, label: str) -> Iterator[Event]:
@@ -499,9 +499,9 @@ class _Run:
             else:
                 masks = self._prune(block, method, stats, sparsities[i])
             initial = final = None
-            # A block left whole by structured pruning computes its own target (the dense block on the same
-            # inputs), so there is nothing to train; with global propagation its target differs once the
-            # stream has passed a pruned block.
+            # A block with nothing pruned (left whole by structured pruning) computes its own target, the dense
+            # block on the same inputs, so there is nothing to train; with global propagation its target
+            # differs once the stream has passed a pruned block.
             trains = train and (sparsities[i] > 0 or (gp and i > first_pruned))
             if trains:
                 block.float()
@@ -522,9 +522,10 @@ class _Run:
                                                       "A lower learning rate may help"))
                     outputs, final = self._forward(block, call, hidden, targets=targets, keep=True)
                 hidden = outputs
-            layers = {name: 1 - int(torch.count_nonzero(l.weight)) / self.dense_numel[name]
-                      for name, l in adapter.linears(block).items()}
-            block_zeros, block_total = _count_zeros(adapter.linears(block), self.dense_numel)
+            kept = {name: int(torch.count_nonzero(l.weight)) for name, l in adapter.linears(block).items()}
+            layers = {name: 1 - n / self.dense_numel[name] for name, n in kept.items()}
+            block_total = sum(self.dense_numel[name] for name in kept)
+            block_zeros = block_total - sum(kept.values())
             mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
             block.to("cpu")
             self._checkpoint(label, i, block)
