@@ -167,7 +167,7 @@ def load_model(source: ModelSource, dtype: torch.dtype):
 STRUCTURE_FILE = "ebft_structure.json"  # beside a saved structurally pruned model: each block's kept counts
 
 
-def save_structure(folder: str | Path, model: nn.Module, counts: list[dict[str, int] | None]) -> None:
+def save_structure(folder: str | Path, counts: list[dict[str, int] | None]) -> None:
     """Record the per-block shapes of a structurally pruned model saved with save_pretrained, whose config
     still states the dense sizes; :func:`load_model` reads it back."""
     import json

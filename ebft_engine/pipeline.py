@@ -719,7 +719,7 @@ class _Run:
             self.model.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
             if self.config.prune.structured:  # its config states the dense sizes: record each block's own
-                save_structure(path, self.model, [st.counts(b) for b in self.adapter.blocks])
+                save_structure(path, [st.counts(b) for b in self.adapter.blocks])
         except OSError as e:
             raise EbftError(f"save_model: cannot write {path!r} ({e.strerror}); choose a writable folder") from None
 

@@ -47,9 +47,6 @@ class BlockStructure:
         return cls(tuple(int(i) for i in d["heads"]), tuple(int(i) for i in d["kv_heads"]),
                    tuple(int(i) for i in d["channels"]))
 
-    def counts(self) -> dict[str, int]:
-        return {"heads": len(self.heads), "kv_heads": len(self.kv_heads), "channels": len(self.channels)}
-
 
 @dataclass(frozen=True)
 class GroupScores:
@@ -97,13 +94,12 @@ def taylor_importance(model: nn.Module, blocks: nn.ModuleList, indices: list[int
                 sums[i][name] = t.sum(0).cpu()
         return hook
 
+    from ..models import LlamaAdapter
+
     for i in indices:
         block = blocks[i]
         hd = block.self_attn.head_dim
-        for name, module in (("q_proj", block.self_attn.q_proj), ("k_proj", block.self_attn.k_proj),
-                             ("v_proj", block.self_attn.v_proj), ("o_proj", block.self_attn.o_proj),
-                             ("gate_proj", block.mlp.gate_proj), ("up_proj", block.mlp.up_proj),
-                             ("down_proj", block.mlp.down_proj)):
+        for name, module in LlamaAdapter.linears(block).items():
             p = module.weight
             p.requires_grad_(True)
             params.append(p)
@@ -205,13 +201,18 @@ def shrink(block: nn.Module, structure: BlockStructure) -> None:
         mlp.intermediate_size = len(structure.channels)
 
 
-def dense_numel(config) -> dict[str, int]:
-    """The weights each projection of a block has before any pruning, from the model's config."""
+def dense_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each projection of a block before any pruning, from the model's config."""
     h, f, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or h // heads
-    return {"q_proj": h * heads * hd, "k_proj": h * kv * hd, "v_proj": h * kv * hd, "o_proj": heads * hd * h,
-            "gate_proj": h * f, "up_proj": h * f, "down_proj": f * h}
+    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+
+def dense_numel(config) -> dict[str, int]:
+    """The weights each projection of a block has before any pruning."""
+    return {name: n_in * n_out for name, (n_in, n_out) in dense_shapes(config).items()}
 
 
 def counts(block: nn.Module) -> dict[str, int]:
@@ -234,24 +235,20 @@ def first_n(block: nn.Module, counts: dict[str, int]) -> BlockStructure:
 def regrow(block: nn.Module, config) -> bool:
     """Give a shrunk block its dense shapes back (new Linear modules, contents to be restored by the caller);
     return whether anything changed."""
+    from ..models import LINEAR_PATHS
+
     attn, mlp = block.self_attn, block.mlp
-    hd = attn.head_dim
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    shapes = {(attn, "q_proj"): (config.hidden_size, config.num_attention_heads * hd),
-              (attn, "k_proj"): (config.hidden_size, kv_heads * hd),
-              (attn, "v_proj"): (config.hidden_size, kv_heads * hd),
-              (attn, "o_proj"): (config.num_attention_heads * hd, config.hidden_size),
-              (mlp, "gate_proj"): (config.hidden_size, config.intermediate_size),
-              (mlp, "up_proj"): (config.hidden_size, config.intermediate_size),
-              (mlp, "down_proj"): (config.intermediate_size, config.hidden_size)}
     changed = False
-    for (owner, name), (n_in, n_out) in shapes.items():
-        old = getattr(owner, name)
+    for name, (n_in, n_out) in dense_shapes(config).items():
+        owner_path, attr = LINEAR_PATHS[name].rsplit(".", 1)
+        owner = block.get_submodule(owner_path)
+        old = getattr(owner, attr)
         if (old.in_features, old.out_features) != (n_in, n_out):
             new = torch.nn.utils.skip_init(nn.Linear, n_in, n_out, bias=old.bias is not None,
                                            device=old.weight.device, dtype=old.weight.dtype).requires_grad_(False)
-            setattr(owner, name, new)
+            setattr(owner, attr, new)
             changed = True
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     attn.num_key_value_groups = config.num_attention_heads // kv_heads
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = config.intermediate_size
