@@ -324,6 +324,39 @@ def _load_failure(source: ModelSource, error: Exception) -> str:
             f"internet use a local folder, a .gguf file or '{EMBEDDED_NAME}'")
 
 
+# The keyword arguments a decoder layer receives from its model's forward that depend on the sequence alone,
+# and those left out because calibration and training run whole sequences without a cache. Anything else a
+# model hands its blocks is refused at load: dropping it would compute another model.
+BLOCK_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
+CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "use_cache", "cache_position")
+
+
+class _Capture(nn.Module):
+    """Stands in for a decoder layer during :meth:`LlamaAdapter.block_kwargs`: records its keyword arguments
+    and passes the hidden states through."""
+
+    def __init__(self, sink: list[dict[str, Any]]):
+        super().__init__()
+        self.sink = sink
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if args:
+            raise ModelLoadError("model: its forward passes positional arguments to its blocks; EBFT Lab cannot "
+                                 "run this model block by block")
+        self.sink.append(kwargs)
+        return hidden_states
+
+
+@dataclass(frozen=True)
+class BlockKwargs:
+    """Each block's call arguments (:data:`BLOCK_ARGUMENTS`), by the block's layer index."""
+
+    per_layer: list[dict[str, Any]]
+
+    def of(self, block: nn.Module) -> dict[str, Any]:
+        return self.per_layer[block.self_attn.layer_idx]
+
+
 class LlamaAdapter:
     """Calls a LLaMA-family model piece by piece: embed, each block, final norm and head.
 
@@ -339,6 +372,7 @@ class LlamaAdapter:
         self.model = model
         self.config = model.config
         self.blocks: nn.ModuleList = model.model.layers
+        self.block_kwargs(2, torch.device("cpu"), torch.float32)  # refuses, at load, what it cannot reproduce
 
     @property
     def num_blocks(self) -> int:
@@ -352,17 +386,50 @@ class LlamaAdapter:
         """(batch, seq) token ids -> (batch, seq, hidden) inputs of block 0."""
         return self.model.model.embed_tokens(input_ids)
 
-    def block_kwargs(self, seqlen: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        """Keyword arguments every block call needs for sequences of ``seqlen`` tokens (causal, no padding)."""
-        position_ids = torch.arange(seqlen).unsqueeze(0)
-        probe = torch.zeros(1, seqlen, 1, dtype=dtype)  # the rotary module reads only its dtype and device
-        cos, sin = self.model.model.rotary_emb(probe, position_ids)  # on the host, where the model lives
-        return {"attention_mask": None, "position_ids": position_ids.to(device),
-                "position_embeddings": (cos.to(device), sin.to(device))}
+    def block_kwargs(self, seqlen: int, device: torch.device, dtype: torch.dtype) -> "BlockKwargs":
+        """What every block is called with for sequences of ``seqlen`` tokens (no padding), as the model's own
+        forward builds it: position ids, rotary (cos, sin) of the model's rope type and scaling, and each
+        layer's attention mask (causal, or a sliding window for Mistral's ``sliding_window`` and the
+        ``sliding_attention`` layers of Qwen2/Qwen3's ``layer_types``).
+
+        The arguments are captured from the model's own ``forward`` on zero embeddings of shape
+        (1, seqlen, hidden), with the blocks swapped for stand-ins that record what they receive: the mask and
+        position logic is transformers', never a copy, so block-by-block execution computes what the model
+        computes. Masks have batch size 1 and broadcast over any batch.
+        """
+        captured: list[dict[str, Any]] = []
+        stand_ins = nn.ModuleList(_Capture(captured) for _ in self.blocks)
+        base = self.model.model
+        layers, base.layers = base.layers, stand_ins
+        try:
+            with torch.no_grad():
+                probe = torch.zeros(1, seqlen, self.config.hidden_size, dtype=dtype)
+                base(inputs_embeds=probe, use_cache=False)
+        finally:
+            base.layers = layers
+        if len(captured) != len(self.blocks):
+            raise ModelLoadError(f"model: its forward called {len(captured)} of its {len(self.blocks)} blocks; "
+                                 "EBFT Lab cannot run this model block by block")
+        unknown = sorted({k for kw in captured for k, v in kw.items()
+                          if k not in BLOCK_ARGUMENTS + CACHE_ARGUMENTS and v is not None})
+        if unknown:
+            raise ModelLoadError(f"model: its forward passes {', '.join(unknown)} to every block, which EBFT Lab "
+                                 "does not reproduce block by block; this model is not supported")
+        moved: dict[int, Any] = {}
+
+        def to_device(value):
+            if isinstance(value, torch.Tensor):
+                return moved.setdefault(id(value), value.to(device))
+            if isinstance(value, tuple):
+                return tuple(to_device(v) for v in value)
+            return value
+
+        per_layer = [{k: to_device(v) for k, v in kw.items() if k in BLOCK_ARGUMENTS} for kw in captured]
+        return BlockKwargs(per_layer)
 
     @staticmethod
-    def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        out = block(hidden, **kwargs)
+    def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: "BlockKwargs") -> torch.Tensor:
+        out = block(hidden, **kwargs.of(block))
         return out[0] if isinstance(out, tuple) else out
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
