@@ -1,5 +1,16 @@
-"""Hugging Face Spaces entry point (and `python app.py` locally): builds the lab and serves it on port 7860."""
-from lab.app import main
+"""Hugging Face Spaces entry point (and `python app.py` locally): builds the lab and serves it, on 127.0.0.1:7860
+unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say otherwise."""
+import sys
+
+from ebft_engine import ConfigError
+from lab.policy import server_options
 
 if __name__ == "__main__":
-    main()
+    try:
+        options = server_options()  # before Gradio's import, which reads GRADIO_SERVER_PORT itself
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from lab.app import main
+
+    main(options)

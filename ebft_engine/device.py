@@ -48,15 +48,30 @@ def pick_device(name: str = "auto") -> torch.device:
 SMALL_MODEL_PARAMS = 1_000_000_000
 
 
+# bf16 tensor cores arrived with compute capability 8.0 (Ampere: A100, RTX 30xx). torch.cuda.is_bf16_supported()
+# also answers True where bf16 is only emulated (T4 sm75, V100 sm70, RTX 20xx): 3-8x slower and without the
+# fused attention kernels, so it is not the test.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matmuls natively: the CPU (autocast is fast on these machines) and CUDA
+    devices of compute capability 8.0 or more, judged per device index (a machine may mix cards)."""
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return tuple(torch.cuda.get_device_capability(device)) >= BF16_MIN_CAPABILITY
+    return False
+
+
 def pick_precision(device: torch.device, dtype: str, n_params: int) -> Precision:
     """Resolve ``--dtype`` into storage and compute dtypes for this device and model size.
 
-    ``auto`` holds small models in float32 and large ones in bfloat16 (float16 on GPUs without bf16).
-    Matmuls run under bf16 autocast wherever the device supports it (on these CPUs bf16 is ~2.5x faster),
-    fp16 autocast on older GPUs.
+    ``auto`` holds small models in float32 and large ones in bfloat16 (float16 on GPUs without native bf16,
+    see :func:`bf16_native`). Matmuls run under bf16 autocast wherever the device runs it natively (on these
+    CPUs bf16 is ~2.5x faster), fp16 autocast with a gradient scaler on older GPUs (T4, V100, RTX 20xx).
     """
-    bf16_ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    half = torch.bfloat16 if bf16_ok else torch.float16
+    half = torch.bfloat16 if bf16_native(device) else torch.float16
     if dtype == "auto":
         storage = torch.float32 if n_params <= SMALL_MODEL_PARAMS else half
     else:

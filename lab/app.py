@@ -503,6 +503,6 @@ def _setup_panel(defaults: list[Any], spaces: bool) -> list[gr.components.Compon
             self_nsamples]
 
 
-def main() -> None:
-    build_app().launch(server_name="127.0.0.1" if not policy.on_spaces() else "0.0.0.0", server_port=7860,
-                       css_paths=[str(ROOT / "assets" / "style.css")])
+def main(options: dict[str, Any]) -> None:
+    """Serve the lab with :func:`lab.policy.server_options` (checked by app.py before Gradio is imported)."""
+    build_app().launch(**options, css_paths=[str(ROOT / "assets" / "style.css")])

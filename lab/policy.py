@@ -56,3 +56,20 @@ def check(config: RunConfig, spaces: bool | None = None) -> RunConfig:
             raise ConfigError(name, f"{value} is above this Space's limit of {limit}",
                               f"use at most {limit}, or run the lab locally")
     return config
+
+
+def server_options(env: dict[str, str] | None = None) -> dict[str, object]:
+    """Where the lab listens: Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when set (a second lab, a
+    busy port), else 127.0.0.1:7860 (0.0.0.0 on Spaces). A bad port is a ConfigError naming the variable.
+    Gradio reads GRADIO_SERVER_PORT when it is imported: check before that import."""
+    env = os.environ if env is None else env
+    name = env.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces() else "127.0.0.1")
+    raw = env.get("GRADIO_SERVER_PORT") or "7860"
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise ConfigError("GRADIO_SERVER_PORT", f"{raw!r} is not a port number", "set it to a free port in "
+                          "1-65535, e.g. GRADIO_SERVER_PORT=7861 python app.py")
+    return {"server_name": name, "server_port": port}

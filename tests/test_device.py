@@ -1,0 +1,52 @@
+"""Precision per card (from its compute capability, not is_bf16_supported) and where the lab listens."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ebft_engine.device import bf16_native, pick_precision
+
+CUDA = torch.device("cuda:1")
+
+
+@pytest.mark.parametrize("card,capability,half", [
+    ("T4", (7, 5), torch.float16), ("V100", (7, 0), torch.float16), ("RTX 2080", (7, 5), torch.float16),
+    ("A100", (8, 0), torch.bfloat16), ("RTX 4080", (8, 9), torch.bfloat16), ("H100", (9, 0), torch.bfloat16),
+])
+def test_half_precision_follows_the_cards_compute_capability(monkeypatch, card, capability, half):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there: ignored
+    big = pick_precision(CUDA, "auto", 7_000_000_000)
+    assert (big.storage, big.compute, big.needs_scaler) == (half, half, half == torch.float16)
+    assert pick_precision(CUDA, "float32", 7_000_000_000).compute is None
+    assert asked and all(torch.device(d) == CUDA for d in asked)  # judged for the device the run uses
+
+
+def test_cpu_keeps_bf16_autocast_and_small_models_float32():
+    assert bf16_native(torch.device("cpu"))
+    p = pick_precision(torch.device("cpu"), "auto", 135_000_000)
+    assert (p.storage, p.compute) == (torch.float32, torch.bfloat16)
+
+
+def test_lab_listens_where_gradio_variables_say():
+    from lab.policy import server_options
+
+    assert server_options({}) == {"server_name": "127.0.0.1", "server_port": 7860}
+    assert server_options({"GRADIO_SERVER_PORT": "7861", "GRADIO_SERVER_NAME": "0.0.0.0"}) == {
+        "server_name": "0.0.0.0", "server_port": 7861}
+
+
+@pytest.mark.parametrize("port", ["http", "0", "70000"])
+def test_a_bad_port_is_one_line_and_exit_2(port):
+    env = {"GRADIO_SERVER_PORT": port, "PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    import os
+
+    env = {**os.environ, **env}
+    done = subprocess.run([sys.executable, "app.py"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: GRADIO_SERVER_PORT:") and "7861" in lines[0]
