@@ -11,6 +11,7 @@ quirk we do not reproduce: REFERENCE.md §1.3).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -76,7 +77,11 @@ def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targ
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = _adamw(params, cfg, precision.device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps))
-    scaler = torch.amp.GradScaler(precision.device.type) if precision.needs_scaler else None
+    scaler = None
+    if precision.needs_scaler:  # fp16: a loss scale fitted to this block's gradients, free to grow within it
+        scale = fp16_loss_scale(block, call, inputs[:cfg.batch_size], targets[:cfg.batch_size], precision)
+        scaler = torch.amp.GradScaler(precision.device.type, init_scale=scale,
+                                      growth_interval=max(steps_per_epoch, 1))
     generator = torch.Generator().manual_seed(seed)
     initial = batch_mse(block, call, inputs, targets, precision, cfg.batch_size)
     step, rolled_back = 0, False
@@ -116,6 +121,54 @@ def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targ
         for p, mask in masks.items():  # bake the mask in: pruned weights are exactly zero, whatever happened
             p.mul_(mask)
     return TrainResult(initial_loss=initial, steps=step, rolled_back=rolled_back, pruned_state=pruned_state)
+
+
+# float16's largest finite value is 65504 (~2^16): aim the largest scaled gradient at 2^14, a 4x margin.
+FP16_GRADIENT_TARGET = 2.0 ** 14
+FP16_PROBE_SCALE = 2.0 ** 16  # GradScaler's default, where the probe starts
+FP16_MAX_SCALE = 2.0 ** 48
+
+
+def fp16_loss_scale(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targets: torch.Tensor,
+                    precision: Precision) -> float:
+    """The power-of-two loss scale for float16 training of ``block``: its largest parameter gradient on one
+    batch lands near :data:`FP16_GRADIENT_TARGET`.
+
+    EBFT's loss is a mean over batch x tokens x hidden (LLaMA-7B at 8 x 1024: 3.4e7 elements), so a well
+    reconstructed early block has gradients near 1e-10: at GradScaler's default scale of 2^16 they fall into
+    float16's subnormal range or to zero, and the block barely trains. One probe backward (halving the probe
+    while it overflows) measures the gradients instead. The gradients used for the step are always unscaled
+    before clipping, so the scale changes nothing but what float16 can represent.
+
+    Args:
+        inputs / targets: one batch, (batch, seq, hidden), on any device.
+
+    Returns:
+        the initial scale for ``torch.amp.GradScaler``, a power of two in [1, 2^48].
+    """
+    params = [p for p in block.parameters() if p.requires_grad]
+    x, y = inputs.to(precision.device), targets.to(precision.device)
+    probe = FP16_PROBE_SCALE
+    try:
+        for _ in range(64):
+            with precision.autocast():
+                out = call(block, x)
+            loss = torch.mean((out.float() - y.float()) ** 2)
+            if not torch.isfinite(loss):
+                return FP16_PROBE_SCALE  # the training loop rolls the block back; the scale does not matter
+            (loss * probe).backward()
+            biggest = max(float(p.grad.abs().max()) for p in params if p.grad is not None)
+            for p in params:
+                p.grad = None
+            if math.isfinite(biggest):
+                break
+            probe /= 2
+    finally:
+        for p in params:
+            p.grad = None
+    if not math.isfinite(biggest) or biggest == 0:
+        return probe
+    return float(min(max(2.0 ** math.floor(math.log2(FP16_GRADIENT_TARGET * probe / biggest)), 1.0), FP16_MAX_SCALE))
 
 
 def _adamw(params: list[nn.Parameter], cfg: EbftConfig, device: torch.device) -> torch.optim.Optimizer:

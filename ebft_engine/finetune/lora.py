@@ -75,6 +75,9 @@ def train_lora(peft_model: nn.Module, ids: torch.Tensor, cfg: LoraConfig, precis
     warmup = min(100, max(1, total_steps // 10)) if not budget_seconds else None
     generator = torch.Generator().manual_seed(seed)
     device = precision.device
+    # fp16 (GPUs without native bf16): the language-model loss is O(1), so GradScaler's default scale fits;
+    # gradients are unscaled before clipping, and a step whose gradients overflowed is skipped by the scaler.
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     peft_model.to(device)
     peft_model.train()
     start = time.perf_counter()
@@ -99,9 +102,17 @@ def train_lora(peft_model: nn.Module, ids: torch.Tensor, cfg: LoraConfig, precis
                     loss = peft_model(input_ids=batch, labels=batch).loss
                 if not torch.isfinite(loss):
                     continue  # skip a bad batch; the adapters start at zero, so nothing is lost
-                loss.backward()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 last = float(loss.detach())
