@@ -176,6 +176,21 @@ def save_structure(folder: str | Path, counts: list[dict[str, int] | None]) -> N
                                                encoding="utf-8")
 
 
+def read_structure(source: ModelSource) -> list[dict[str, int] | None] | None:
+    """The per-block counts of a saved structurally pruned model (None for any other model, or when the file
+    cannot be read: loading the model then says why)."""
+    import json
+
+    file = Path(source.path) / STRUCTURE_FILE
+    if source.gguf_file or not file.is_file():
+        return None
+    try:
+        blocks = json.loads(file.read_text(encoding="utf-8"))["blocks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return blocks if isinstance(blocks, list) else None
+
+
 def _load_structured(folder: Path, dtype: torch.dtype):
     """A structurally pruned model: built from its (dense) config, each block shrunk to its saved counts, then
     the saved weights loaded into those shapes."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -25,14 +26,14 @@ from torch import nn
 from .config import RunConfig
 from .data import calibration_tokens, evaluation_tokens, self_cache_path
 from .device import Precision, pick_device, pick_precision
-from .errors import Cancelled, ConfigError, EbftError
+from .errors import Cancelled, ConfigError, EbftError, ModelLoadError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                      RunFinished, RunStarted, ZeroShotFinished)
 from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
-from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source,
-                     restore_blocks, save_structure)
+from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, read_structure,
+                     resolve_source, restore_blocks, save_structure)
 from .planner import GiB, MemoryPlan, capacities, plan_memory, remedy, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
@@ -65,8 +66,93 @@ def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None =
     Raises:
         ConfigError: before any event, if the run folder cannot be written.
     """
+    preflight(config)
     record = RunRecord(config.runs_dir, new_run_id())
     yield from _drive(_Run(config, record, _predicate(cancel)), resumed=False)
+
+
+def preflight(config: RunConfig) -> None:
+    """Check the run against its model's config (context length, N:M widths, structured pruning's blocks),
+    read cheaply with no weights, before a run folder exists; raise ConfigError saying what to change.
+
+    A model whose config cannot be read here is left to the load phase, which reports why in the run's record.
+    """
+    try:
+        source = resolve_source(config.model)
+        model_config = load_config(source)
+    except ModelLoadError:
+        return
+    check_against_model(config, model_config, read_structure(source))
+
+
+def check_against_model(cfg: RunConfig, model_config, structure: list | None = None) -> int:
+    """Refuse what this model cannot do with ``cfg`` (ConfigError); return the evaluation window length.
+
+    Args:
+        structure: per-block counts of a saved structurally pruned model (models.read_structure), whose blocks
+            are smaller than its config says.
+    """
+    context = int(getattr(model_config, "max_position_embeddings", 2048))
+    eval_seqlen = cfg.eval.seqlen or min(context, DEFAULT_EVAL_SEQLEN_CAP)
+    for name, value in (("calib.seqlen", cfg.calib.seqlen), ("eval.seqlen", eval_seqlen)):
+        if value > context:
+            raise ConfigError(name, f"{value} tokens is beyond the model's context of {context}",
+                              f"use at most {context}")
+    if cfg.prune.structured:
+        n = model_config.num_hidden_layers
+        pruned = st.pruned_blocks(n, cfg.prune.keep_first, cfg.prune.keep_last)
+        if not pruned:
+            raise ConfigError("prune.keep_first", f"keeping the first {cfg.prune.keep_first} and last "
+                              f"{cfg.prune.keep_last} blocks whole leaves none of the model's {n} to prune",
+                              "lower --keep-first / --keep-last")
+        ratio = st.block_ratio(cfg.prune.sparsity, n, len(pruned))
+        if ratio > 0.9:
+            most = 0.9 * len(pruned) / n
+            raise ConfigError("prune.sparsity", f"removing {cfg.prune.sparsity:g} of all blocks' weights from "
+                              f"only {len(pruned)} of {n} blocks takes {ratio:.0%} of each",
+                              f"use a sparsity up to {most:.2f}, or keep fewer blocks whole (--keep-first, "
+                              "--keep-last)")
+        if cfg.prune.taylor_seqlen > cfg.calib.seqlen or cfg.prune.taylor_samples > cfg.calib.nsamples:
+            raise ConfigError("prune.taylor_samples", f"the importance pass takes {cfg.prune.taylor_samples} x "
+                              f"{cfg.prune.taylor_seqlen} tokens from {cfg.calib.nsamples} calibration samples "
+                              f"of {cfg.calib.seqlen}", "use at most as many samples and tokens as calibration has")
+    if cfg.prune.nm is not None:
+        _check_nm_widths(cfg.prune.pattern, cfg.prune.nm[1], model_config, structure)
+    return eval_seqlen
+
+
+def _check_nm_widths(pattern: str, m: int, model_config, structure: list | None) -> None:
+    """N:M groups run along a layer's input columns: every pruned layer's input width must be a multiple of M
+    (q/k/v, gate/up read the hidden size, o_proj the heads' width, down_proj the MLP's)."""
+    heads = model_config.num_attention_heads
+    hd = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    dense = {name: n_in for name, (n_in, _out) in st.dense_shapes(model_config).items()}
+    widths: dict[tuple[str, int], list[int]] = {}  # (layer, input width) -> blocks
+    for i in range(model_config.num_hidden_layers):
+        counts = structure[i] if structure and i < len(structure) and isinstance(structure[i], dict) else {}
+        for name, n_in in dense.items():
+            if name == "o_proj" and "heads" in counts:
+                n_in = int(counts["heads"]) * hd
+            elif name == "down_proj" and "channels" in counts:
+                n_in = int(counts["channels"])
+            widths.setdefault((name, n_in), []).append(i)
+    bad = [(name, n_in, blocks) for (name, n_in), blocks in widths.items() if n_in % m]
+    if not bad:
+        return
+    n_blocks = model_config.num_hidden_layers
+
+    def where(name: str, n_in: int, blocks: list[int]) -> str:
+        why = f" ({heads} heads x head_dim {hd})" if name == "o_proj" and n_in == heads * hd else ""
+        scope = "" if len(blocks) == n_blocks else f" in block{'s' if len(blocks) > 1 else ''} " + \
+            ", ".join(map(str, blocks))
+        return f"{name} reads {n_in} columns{why}{scope}"
+
+    divisor = math.gcd(*(n_in for (_name, n_in) in widths))
+    fits = [p for p in ("2:4", "4:8") if divisor % int(p.split(":")[1]) == 0]
+    raise ConfigError("prune.pattern", f"{pattern} groups every {m} input columns of a layer, and "
+                      f"{'; '.join(where(*b) for b in bad)}, not a multiple of {m}",
+                      f"use an N:M pattern whose M divides every layer's width (all are multiples of {divisor})"
+                      f"{', such as ' + fits[0] if fits else ''}, or --pattern unstructured")
 
 
 # What a resumed run may change: how the remaining blocks fit in memory, not what they compute from.
@@ -314,37 +400,7 @@ class _Run:
             torch.cuda.empty_cache()
 
     def _check_against_model(self, model_config) -> None:
-        cfg = self.config
-        context = int(getattr(model_config, "max_position_embeddings", 2048))
-        self.eval_seqlen = cfg.eval.seqlen or min(context, DEFAULT_EVAL_SEQLEN_CAP)
-        for name, value in (("calib.seqlen", cfg.calib.seqlen), ("eval.seqlen", self.eval_seqlen)):
-            if value > context:
-                raise ConfigError(name, f"{value} tokens is beyond the model's context of {context}",
-                                  f"use at most {context}")
-        if cfg.prune.structured:
-            n = model_config.num_hidden_layers
-            pruned = st.pruned_blocks(n, cfg.prune.keep_first, cfg.prune.keep_last)
-            if not pruned:
-                raise ConfigError("prune.keep_first", f"keeping the first {cfg.prune.keep_first} and last "
-                                  f"{cfg.prune.keep_last} blocks whole leaves none of the model's {n} to prune",
-                                  "lower --keep-first / --keep-last")
-            ratio = st.block_ratio(cfg.prune.sparsity, n, len(pruned))
-            if ratio > 0.9:
-                most = 0.9 * len(pruned) / n
-                raise ConfigError("prune.sparsity", f"removing {cfg.prune.sparsity:g} of all blocks' weights from "
-                                  f"only {len(pruned)} of {n} blocks takes {ratio:.0%} of each",
-                                  f"use a sparsity up to {most:.2f}, or keep fewer blocks whole (--keep-first, "
-                                  "--keep-last)")
-            if cfg.prune.taylor_seqlen > cfg.calib.seqlen or cfg.prune.taylor_samples > cfg.calib.nsamples:
-                raise ConfigError("prune.taylor_samples", f"the importance pass takes {cfg.prune.taylor_samples} x "
-                                  f"{cfg.prune.taylor_seqlen} tokens from {cfg.calib.nsamples} calibration samples "
-                                  f"of {cfg.calib.seqlen}", "use at most as many samples and tokens as calibration has")
-        nm = cfg.prune.nm
-        if nm is not None:
-            for width in (model_config.hidden_size, model_config.intermediate_size):
-                if width % nm[1]:
-                    raise ConfigError("prune.pattern", f"the model's width {width} is not a multiple of M={nm[1]}",
-                                      "choose an N:M pattern whose M divides it, or 'unstructured'")
+        self.eval_seqlen = check_against_model(self.config, model_config, read_structure(self.source))
 
     def _data(self) -> Iterator[Event]:
         cfg = self.config
@@ -676,6 +732,14 @@ class _Run:
                                 for name, l in linears.items()])
             lods.append(100.0 * float((scores > cfg.owl_m * scores.mean()).sum()) / scores.numel())
         yield self.emit(Notice("info", "OWL outlier ratios (%): " + ", ".join(f"{x:.2f}" for x in lods)))
+        raw = owl_spread(lods, cfg.sparsity, cfg.owl_lambda)
+        lo, hi = min(OWL_BOUNDS[0], cfg.sparsity), max(OWL_BOUNDS[1], cfg.sparsity)
+        clamped = [i for i, x in enumerate(raw) if not lo <= x <= hi]
+        if clamped:
+            yield self.emit(Notice("warning", f"OWL: λ={cfg.owl_lambda:g} spreads the sparsity of block(s) "
+                                   f"{', '.join(map(str, clamped))} beyond [{lo:g}, {hi:g}] "
+                                   f"({', '.join(f'{raw[i]:.3f}' for i in clamped)}): clamped, and the other blocks "
+                                   f"take the difference so that the mean stays {cfg.sparsity:g}"))
         return owl_sparsities(lods, cfg.sparsity, cfg.owl_lambda)
 
     def _taylor(self, pruned: list[int]) -> Iterator[Event]:
@@ -759,13 +823,44 @@ class _Run:
         }
 
 
-def owl_sparsities(lods: list[float], sparsity: float, lam: float) -> list[float]:
-    """Per-block sparsities from outlier ratios: density D = r - mean(r) + (1 - S), r the ratios scaled to
-    [0, 2λ]; more outliers keep more weights; the mean sparsity is S. Clamped into [0.01, 0.99]."""
+OWL_BOUNDS = (0.01, 0.99)  # the reference clamps a per-block sparsity <= 0 to 0.01; at most 0.99 keeps some weights
+
+
+def owl_spread(lods: list[float], sparsity: float, lam: float) -> list[float]:
+    """OWL's per-block sparsities before any bound (REFERENCE.md §5): density D = r - mean(r) + (1 - S), r the
+    outlier ratios scaled to [0, 2λ]; more outliers keep more weights; the mean is S. A wide spread leaves
+    (0, 1): see owl_sparsities."""
     lo, hi = min(lods), max(lods)
     r = [0.0 if hi == lo else (x - lo) / (hi - lo) * 2 * lam for x in lods]
     mean = sum(r) / len(r)
-    return [min(max(1 - (x - mean + 1 - sparsity), 0.01), 0.99) for x in r]
+    return [1 - (x - mean + 1 - sparsity) for x in r]
+
+
+def owl_sparsities(lods: list[float], sparsity: float, lam: float,
+                   bounds: tuple[float, float] = OWL_BOUNDS) -> list[float]:
+    """Per-block sparsities from outlier ratios: OWL's spread (owl_spread), held within ``bounds`` while their
+    mean stays exactly ``sparsity``: a block that would leave the bounds is clamped and what it cannot take
+    goes to the blocks that can, equally (the profile closest to OWL's with that mean, clamp(s + c) for one
+    shift c). Blocks keep their order: more outliers, lower sparsity. The bounds widen to hold the target
+    itself (sparsity 0 gives 0 everywhere), so the mean is always met."""
+    raw = owl_spread(lods, sparsity, lam)
+    lo, hi = min(bounds[0], sparsity), max(bounds[1], sparsity)
+    want = sparsity * len(raw)
+
+    def total(c: float) -> float:
+        return sum(min(max(s + c, lo), hi) for s in raw)
+
+    # total(c) rises piecewise linearly in c, bending where a block meets a bound: find the piece holding the
+    # target, then the shift on it exactly (the blocks strictly inside the bounds move with c, the rest stay).
+    points = sorted({b - s for s in raw for b in (lo, hi)})
+    below = [c for c in points if total(c) <= want]
+    a = below[-1] if below else points[0]
+    above = [c for c in points if c > a]
+    probe = (a + above[0]) / 2 if above else a + 1.0
+    free = [s for s in raw if lo < s + probe < hi]
+    fixed = sum(min(max(s + probe, lo), hi) for s in raw if not lo < s + probe < hi)
+    c = (want - fixed - sum(free)) / len(free) if free else a
+    return [min(max(s + c, lo), hi) for s in raw]
 
 
 def _emitting(gen, emit):
