@@ -6,6 +6,7 @@ no copied modeling file.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -111,12 +112,19 @@ def load_config(source: ModelSource):
 
     if source.path == TINY_NAME:
         return tiny_config()
-    try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, **_kwargs(source))
-    except Exception as e:  # hub unreachable, no such repo, malformed folder: one message for the user
-        raise ModelLoadError(_load_failure(source, e)) from None
-    check_architecture(config)
-    return config
+    key = (source.path, source.gguf_file, _mtime(source))
+    if key not in _CONFIG_CACHE:  # a GGUF's config takes seconds to read, and a run reads it before and at load
+        try:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, **_kwargs(source))
+        except Exception as e:  # hub unreachable, no such repo, malformed folder: one message for the user
+            raise ModelLoadError(_load_failure(source, e)) from None
+        check_architecture(config)
+        _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[key] = config
+    return copy.deepcopy(_CONFIG_CACHE[key])
+
+
+_CONFIG_CACHE: dict[tuple, Any] = {}  # the last model config read, by source and file time
 
 
 def check_architecture(config) -> None:

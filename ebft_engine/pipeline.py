@@ -157,6 +157,8 @@ def _check_nm_widths(pattern: str, m: int, model_config, structure: list | None)
 
 # What a resumed run may change: how the remaining blocks fit in memory, not what they compute from.
 RESUME_OVERRIDES = ("ebft.batch_size", "activations")
+# ... and where its output goes besides its own folder (nothing it computes depends on these).
+OUTPUT_OVERRIDES = ("json_out",)
 
 
 def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | None = None,
@@ -168,7 +170,8 @@ def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | N
 
     Args:
         overrides: after an out-of-memory failure, a smaller ``ebft.batch_size`` or ``activations: host`` for
-            the blocks still to do (RESUME_OVERRIDES); nothing else can change mid-run.
+            the blocks still to do (RESUME_OVERRIDES), and ``json_out``, where the finished summary is also
+            written (OUTPUT_OVERRIDES); nothing else can change mid-run.
 
     Raises:
         ConfigError: before any event, if the folder is not a resumable run (finished, still running, or not a
@@ -177,14 +180,16 @@ def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | N
     config, previous = resumable(run_dir)
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     for key in changes:
-        if key not in RESUME_OVERRIDES:
+        if key not in RESUME_OVERRIDES + OUTPUT_OVERRIDES:
             raise ConfigError(key, "cannot change when resuming (the finished blocks were computed with it)",
-                              f"resume with the run's own settings, changing at most {', '.join(RESUME_OVERRIDES)}")
+                              "resume with the run's own settings, changing at most "
+                              f"{', '.join(RESUME_OVERRIDES + OUTPUT_OVERRIDES)}")
     if changes:
         config = config.with_overrides(changes)
     record = RunRecord.reopen(run_dir)
-    note = Notice("warning", "resumed with " + ", ".join(f"{k}={v}" for k, v in changes.items()) +
-                  " for the blocks still to do") if changes else None
+    computing = {k: v for k, v in changes.items() if k in RESUME_OVERRIDES}
+    note = Notice("warning", "resumed with " + ", ".join(f"{k}={v}" for k, v in computing.items()) +
+                  " for the blocks still to do") if computing else None
     yield from _drive(_Run(config, record, _predicate(cancel), previous=previous), resumed=True, note=note)
 
 
@@ -261,6 +266,10 @@ class _Run:
         self.blocks: list[dict[str, Any]] = list(prev.get("blocks") or [])
         self.params: dict[str, int] = dict(prev.get("params") or {})
         self.structure: dict[str, list[dict[str, int] | None]] = dict(prev.get("structure") or {})
+        # label -> block -> layer -> weights kept by the mask but zero because their input channel never fires
+        self.dead_weights: dict[str, dict[str, dict[str, int]]] = {
+            label: dict(entry.get("blocks") or {}) for label, entry in (prev.get("dead_channel_weights") or {}).items()}
+        self.dead_kept: dict[str, torch.Tensor] = {}  # this block's layer -> kept positions in dead input columns
         self.eval_info: dict[str, Any] = {}
         self.calib_info: dict[str, Any] = {}
         self.precision: Precision | None = None
@@ -522,6 +531,8 @@ class _Run:
         digest = new_digest()
         if train:  # the per-block table of this EBFT variant: keep the rows of the blocks being restored
             self.blocks = [b for b in self.blocks if b.get("label", "ebft") != label or b.get("index", n_blocks) < start]
+        # the restored blocks' dead-channel counts come from the summary; the blocks still to do count theirs
+        self.dead_weights[label] = {b: d for b, d in self.dead_weights.get(label, {}).items() if int(b) < start}
         if start == 0:
             self.checkpoints.start(label)
         else:
@@ -550,6 +561,7 @@ class _Run:
                         self._forward(block, call, hidden, stats=stats, keep=False)
                 targets, _ = self._forward(block, call, dense_hidden, keep=True)
                 dense_hidden = targets  # the dense output is the next block's dense input
+            self.dead_kept = {}
             if structured:
                 masks = self._shrink(block, i, scores, sparsities[i])
             else:
@@ -583,6 +595,11 @@ class _Run:
             block_total = sum(self.dense_numel[name] for name in kept)
             block_zeros = block_total - sum(kept.values())
             mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
+            dead = {name: int((kept_pos & (adapter.linears(block)[name].weight == 0)).sum())
+                    for name, kept_pos in self.dead_kept.items()}
+            if any(dead.values()):  # recorded before the checkpoint: a restored block's count is in the summary
+                self.dead_weights[label][str(i)] = {name: n for name, n in dead.items() if n}
+                self.record.write_summary(self._summary("running"))
             block.to("cpu")
             self._checkpoint(label, i, block)
             zeros, total = zeros + block_zeros, total + block_total
@@ -596,6 +613,12 @@ class _Run:
             yield self.emit(done)
         self.sparsity[label] = zeros / total
         self.masks[label] = digest.hexdigest()[:16]
+        dead_total, dead_layers = _dead_totals(self.dead_weights.get(label))
+        if dead_total:
+            yield self.emit(Notice("warning", f"{label}: {dead_total:,} weights in {dead_layers} layers were zeroed "
+                                              "because their input channel never fires (dead channels, as the "
+                                              f"reference SparseGPT does); measured sparsity {zeros / total:.1%} vs "
+                                              f"{cfg.prune.sparsity:.1%} asked"))
         self.params[label] = sum(t.numel() for t in self.model.parameters())
         if structured:
             self.structure[label] = [st.counts(b) for b in adapter.blocks]
@@ -774,6 +797,8 @@ class _Run:
                     linear.weight.copy_(result.weight)
                 linear.weight.mul_(result.mask.to(linear.weight.device))
             masks[linear.weight] = result.mask.to(self.precision.device)
+            if result.dead_inputs is not None:
+                self.dead_kept[name] = masks[linear.weight] & result.dead_inputs.to(self.precision.device)
         return masks
 
     # ---- export, summary --------------------------------------------------------------------------------
@@ -812,6 +837,9 @@ class _Run:
             "mask_sha256": dict(self.masks), "sparsity_profile": dict(self.profiles), "blocks": list(self.blocks),
             "lora": dict(self.lora_info), "zeroshot": dict(self.zeroshot),
             "params": dict(self.params), "structure": dict(self.structure),
+            "dead_channel_weights": {
+                label: dict(zip(("weights", "layers"), _dead_totals(blocks)), blocks=dict(blocks))
+                for label, blocks in self.dead_weights.items() if blocks},
             "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
             "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
                                                  "compute": _name(p.compute)},
@@ -870,6 +898,12 @@ def _emitting(gen, emit):
             yield emit(next(gen))
     except StopIteration as stop:
         return stop.value
+
+
+def _dead_totals(blocks: dict[str, dict[str, int]] | None) -> tuple[int, int]:
+    """(weights, layers) of one variant's dead-channel counts (block -> layer -> weights)."""
+    layers = [n for per_layer in (blocks or {}).values() for n in per_layer.values()]
+    return sum(layers), len(layers)
 
 
 def _count_zeros(linears: dict[str, nn.Linear], dense_numel: dict[str, int]) -> tuple[int, int]:
