@@ -136,21 +136,23 @@ def _check_nm_widths(pattern: str, m: int, model_config, structure: list | None)
             elif name == "down_proj" and "channels" in counts:
                 n_in = int(counts["channels"])
             widths.setdefault((name, n_in), []).append(i)
-    bad = [(name, n_in, blocks) for (name, n_in), blocks in widths.items() if n_in % m]
+    bad: dict[tuple[int, tuple[int, ...], str], list[str]] = {}  # (width, blocks, why) -> layers reading it
+    for (name, n_in), blocks in widths.items():
+        if n_in % m:
+            why = f" ({heads} heads x head_dim {hd})" if name == "o_proj" and n_in == heads * hd else ""
+            bad.setdefault((n_in, tuple(blocks), why), []).append(name)
     if not bad:
         return
-    n_blocks = model_config.num_hidden_layers
 
-    def where(name: str, n_in: int, blocks: list[int]) -> str:
-        why = f" ({heads} heads x head_dim {hd})" if name == "o_proj" and n_in == heads * hd else ""
-        scope = "" if len(blocks) == n_blocks else f" in block{'s' if len(blocks) > 1 else ''} " + \
-            ", ".join(map(str, blocks))
-        return f"{name} reads {n_in} columns{why}{scope}"
+    def where(n_in: int, blocks: tuple[int, ...], why: str, names: list[str]) -> str:
+        scope = "" if len(blocks) == model_config.num_hidden_layers else \
+            f" in block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
+        return f"{', '.join(names)} read{'s' if len(names) == 1 else ''} {n_in} columns{why}{scope}"
 
     divisor = math.gcd(*(n_in for (_name, n_in) in widths))
     fits = [p for p in ("2:4", "4:8") if divisor % int(p.split(":")[1]) == 0]
     raise ConfigError("prune.pattern", f"{pattern} groups every {m} input columns of a layer, and "
-                      f"{'; '.join(where(*b) for b in bad)}, not a multiple of {m}",
+                      f"{'; '.join(where(*key, names) for key, names in bad.items())}, not a multiple of {m}",
                       f"use an N:M pattern whose M divides every layer's width (all are multiples of {divisor})"
                       f"{', such as ' + fits[0] if fits else ''}, or --pattern unstructured")
 
