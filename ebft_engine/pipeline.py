@@ -64,7 +64,8 @@ def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None =
             partial summary is still written, with status ``cancelled``, and the run can be resumed.
 
     Raises:
-        ConfigError: before any event, if the run folder cannot be written.
+        ConfigError: before any event and before a run folder exists, if the model's config rules the settings
+            out (see preflight), or if the run folder cannot be written.
     """
     preflight(config)
     record = RunRecord(config.runs_dir, new_run_id())
