@@ -14,7 +14,7 @@ from .config import DEVICES, DTYPES, PRUNE_METHODS, RunConfig
 from .errors import EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Notice, PhaseFinished, PhaseStarted, RunFinished,
                      RunStarted, StepLoss, ZeroShotFinished)
-from .pipeline import resume, run
+from .pipeline import OUTPUT_OVERRIDES, RESUME_OVERRIDES, resume, run
 
 # flag -> dotted config field
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument(flag, help=help_text)  # parsed as text; the config layer converts and validates
     r.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a killed, cancelled or failed run in its folder, from its last finished block "
-                        "(with its own settings: no other run flags)")
+                        "(with its own settings: only --batch-size, --activations, --json-out and --quiet)")
     r.add_argument("--quiet", action="store_true", help="no progress bar; print the table only")
     g = sub.add_parser("grid", help="methods x sparsities x recoveries in one command, one table out",
                        description="One run per (sparsity, method), each with the recoveries; writes OUT.csv and "
@@ -114,12 +114,14 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     if args.command == "grid":
         return grid_and_print(args, out)
     if args.resume:
-        allowed = {"--batch-size", "--activations"}  # how the remaining blocks fit in memory (RESUME_OVERRIDES)
+        # how the remaining blocks fit in memory (RESUME_OVERRIDES), and where the summary also goes (--json-out)
+        allowed = [flag for flag, (field, _t, _h) in FLAGS.items() if field in RESUME_OVERRIDES + OUTPUT_OVERRIDES]
         given = [flag for flag in ["--config", *FLAGS] if getattr(args, flag[2:].replace("-", "_")) is not None]
         refused = [flag for flag in given if flag not in allowed]
         if refused:
             print(f"error: --resume continues a run with the settings it was started with; drop {', '.join(refused)}"
-                  " (or start a new run with them); only --batch-size and --activations may change", file=sys.stderr)
+                  f" (or start a new run with them); only {', '.join(allowed)} and --quiet may be given with it",
+                  file=sys.stderr)
             return 2
         overrides = {FLAGS[flag][0]: getattr(args, flag[2:].replace("-", "_")) for flag in given}
         return run_and_print(None, quiet=args.quiet, out=out, resume_dir=args.resume, overrides=overrides)

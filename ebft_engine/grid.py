@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from .config import RunConfig, parse_pattern
 from .errors import ConfigError
 from .events import Event, RunFinished
-from .pipeline import run
+from .pipeline import preflight, run
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ def run_grid(base: RunConfig, methods: list[str], settings: list[str],
     """Yield (cell, event) for every event of every run; each cell's last event is its RunFinished."""
     grid = cells(methods, settings)
     configs = [(cell, base.with_overrides(cell.overrides())) for cell in grid]  # all refused before any runs
+    for _cell, config in configs:  # and checked against the model's config (e.g. 4:8 on a width of 60)
+        preflight(config)
     for cell, config in configs:
         for event in run(config, cancel):
             yield cell, event

@@ -6,6 +6,7 @@ no copied modeling file.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from dataclasses import dataclass
@@ -111,12 +112,19 @@ def load_config(source: ModelSource):
 
     if source.path == TINY_NAME:
         return tiny_config()
-    try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, **_kwargs(source))
-    except Exception as e:  # hub unreachable, no such repo, malformed folder: one message for the user
-        raise ModelLoadError(_load_failure(source, e)) from None
-    check_architecture(config)
-    return config
+    key = (source.path, source.gguf_file, _mtime(source))
+    if key not in _CONFIG_CACHE:  # a GGUF's config takes seconds to read, and a run reads it before and at load
+        try:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=False, **_kwargs(source))
+        except Exception as e:  # hub unreachable, no such repo, malformed folder: one message for the user
+            raise ModelLoadError(_load_failure(source, e)) from None
+        check_architecture(config)
+        _CONFIG_CACHE.clear()
+        _CONFIG_CACHE[key] = config
+    return copy.deepcopy(_CONFIG_CACHE[key])
+
+
+_CONFIG_CACHE: dict[tuple, Any] = {}  # the last model config read, by source and file time
 
 
 def check_architecture(config) -> None:
@@ -174,6 +182,21 @@ def save_structure(folder: str | Path, counts: list[dict[str, int] | None]) -> N
 
     (Path(folder) / STRUCTURE_FILE).write_text(json.dumps({"format": 1, "blocks": counts}, indent=1),
                                                encoding="utf-8")
+
+
+def read_structure(source: ModelSource) -> list[dict[str, int] | None] | None:
+    """The per-block counts of a saved structurally pruned model (None for any other model, or when the file
+    cannot be read: loading the model then says why)."""
+    import json
+
+    file = Path(source.path) / STRUCTURE_FILE
+    if source.gguf_file or not file.is_file():
+        return None
+    try:
+        blocks = json.loads(file.read_text(encoding="utf-8"))["blocks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return blocks if isinstance(blocks, list) else None
 
 
 def _load_structured(folder: Path, dtype: torch.dtype):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -25,14 +26,14 @@ from torch import nn
 from .config import RunConfig
 from .data import calibration_tokens, evaluation_tokens, self_cache_path
 from .device import Precision, pick_device, pick_precision
-from .errors import Cancelled, ConfigError, EbftError
+from .errors import Cancelled, ConfigError, EbftError, ModelLoadError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                      RunFinished, RunStarted, ZeroShotFinished)
 from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
-from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source,
-                     restore_blocks, save_structure)
+from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, read_structure,
+                     resolve_source, restore_blocks, save_structure)
 from .planner import GiB, MemoryPlan, capacities, plan_memory, remedy, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
@@ -63,14 +64,104 @@ def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None =
             partial summary is still written, with status ``cancelled``, and the run can be resumed.
 
     Raises:
-        ConfigError: before any event, if the run folder cannot be written.
+        ConfigError: before any event and before a run folder exists, if the model's config rules the settings
+            out (see preflight), or if the run folder cannot be written.
     """
+    preflight(config)
     record = RunRecord(config.runs_dir, new_run_id())
     yield from _drive(_Run(config, record, _predicate(cancel)), resumed=False)
 
 
+def preflight(config: RunConfig) -> None:
+    """Check the run against its model's config (context length, N:M widths, structured pruning's blocks),
+    read cheaply with no weights, before a run folder exists; raise ConfigError saying what to change.
+
+    A model whose config cannot be read here is left to the load phase, which reports why in the run's record.
+    """
+    try:
+        source = resolve_source(config.model)
+        model_config = load_config(source)
+    except ModelLoadError:
+        return
+    check_against_model(config, model_config, read_structure(source))
+
+
+def check_against_model(cfg: RunConfig, model_config, structure: list | None = None) -> int:
+    """Refuse what this model cannot do with ``cfg`` (ConfigError); return the evaluation window length.
+
+    Args:
+        structure: per-block counts of a saved structurally pruned model (models.read_structure), whose blocks
+            are smaller than its config says.
+    """
+    context = int(getattr(model_config, "max_position_embeddings", 2048))
+    eval_seqlen = cfg.eval.seqlen or min(context, DEFAULT_EVAL_SEQLEN_CAP)
+    for name, value in (("calib.seqlen", cfg.calib.seqlen), ("eval.seqlen", eval_seqlen)):
+        if value > context:
+            raise ConfigError(name, f"{value} tokens is beyond the model's context of {context}",
+                              f"use at most {context}")
+    if cfg.prune.structured:
+        n = model_config.num_hidden_layers
+        pruned = st.pruned_blocks(n, cfg.prune.keep_first, cfg.prune.keep_last)
+        if not pruned:
+            raise ConfigError("prune.keep_first", f"keeping the first {cfg.prune.keep_first} and last "
+                              f"{cfg.prune.keep_last} blocks whole leaves none of the model's {n} to prune",
+                              "lower --keep-first / --keep-last")
+        ratio = st.block_ratio(cfg.prune.sparsity, n, len(pruned))
+        if ratio > 0.9:
+            most = 0.9 * len(pruned) / n
+            raise ConfigError("prune.sparsity", f"removing {cfg.prune.sparsity:g} of all blocks' weights from "
+                              f"only {len(pruned)} of {n} blocks takes {ratio:.0%} of each",
+                              f"use a sparsity up to {most:.2f}, or keep fewer blocks whole (--keep-first, "
+                              "--keep-last)")
+        if cfg.prune.taylor_seqlen > cfg.calib.seqlen or cfg.prune.taylor_samples > cfg.calib.nsamples:
+            raise ConfigError("prune.taylor_samples", f"the importance pass takes {cfg.prune.taylor_samples} x "
+                              f"{cfg.prune.taylor_seqlen} tokens from {cfg.calib.nsamples} calibration samples "
+                              f"of {cfg.calib.seqlen}", "use at most as many samples and tokens as calibration has")
+    if cfg.prune.nm is not None:
+        _check_nm_widths(cfg.prune.pattern, cfg.prune.nm[1], model_config, structure)
+    return eval_seqlen
+
+
+def _check_nm_widths(pattern: str, m: int, model_config, structure: list | None) -> None:
+    """N:M groups run along a layer's input columns: every pruned layer's input width must be a multiple of M
+    (q/k/v, gate/up read the hidden size, o_proj the heads' width, down_proj the MLP's)."""
+    heads = model_config.num_attention_heads
+    hd = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    dense = {name: n_in for name, (n_in, _out) in st.dense_shapes(model_config).items()}
+    widths: dict[tuple[str, int], list[int]] = {}  # (layer, input width) -> blocks
+    for i in range(model_config.num_hidden_layers):
+        counts = structure[i] if structure and i < len(structure) and isinstance(structure[i], dict) else {}
+        for name, n_in in dense.items():
+            if name == "o_proj" and "heads" in counts:
+                n_in = int(counts["heads"]) * hd
+            elif name == "down_proj" and "channels" in counts:
+                n_in = int(counts["channels"])
+            widths.setdefault((name, n_in), []).append(i)
+    bad: dict[tuple[int, tuple[int, ...], str], list[str]] = {}  # (width, blocks, why) -> layers reading it
+    for (name, n_in), blocks in widths.items():
+        if n_in % m:
+            why = f" ({heads} heads x head_dim {hd})" if name == "o_proj" and n_in == heads * hd else ""
+            bad.setdefault((n_in, tuple(blocks), why), []).append(name)
+    if not bad:
+        return
+
+    def where(n_in: int, blocks: tuple[int, ...], why: str, names: list[str]) -> str:
+        scope = "" if len(blocks) == model_config.num_hidden_layers else \
+            f" in block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
+        return f"{', '.join(names)} read{'s' if len(names) == 1 else ''} {n_in} columns{why}{scope}"
+
+    divisor = math.gcd(*(n_in for (_name, n_in) in widths))
+    fits = [p for p in ("2:4", "4:8") if divisor % int(p.split(":")[1]) == 0]
+    raise ConfigError("prune.pattern", f"{pattern} groups every {m} input columns of a layer, and "
+                      f"{'; '.join(where(*key, names) for key, names in bad.items())}, not a multiple of {m}",
+                      f"use an N:M pattern whose M divides every layer's width (all are multiples of {divisor})"
+                      f"{', such as ' + fits[0] if fits else ''}, or --pattern unstructured")
+
+
 # What a resumed run may change: how the remaining blocks fit in memory, not what they compute from.
 RESUME_OVERRIDES = ("ebft.batch_size", "activations")
+# ... and where its output goes besides its own folder (nothing it computes depends on these).
+OUTPUT_OVERRIDES = ("json_out",)
 
 
 def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | None = None,
@@ -82,7 +173,8 @@ def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | N
 
     Args:
         overrides: after an out-of-memory failure, a smaller ``ebft.batch_size`` or ``activations: host`` for
-            the blocks still to do (RESUME_OVERRIDES); nothing else can change mid-run.
+            the blocks still to do (RESUME_OVERRIDES), and ``json_out``, where the finished summary is also
+            written (OUTPUT_OVERRIDES); nothing else can change mid-run.
 
     Raises:
         ConfigError: before any event, if the folder is not a resumable run (finished, still running, or not a
@@ -91,14 +183,16 @@ def resume(run_dir: str | Path, cancel: threading.Event | Callable[[], bool] | N
     config, previous = resumable(run_dir)
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     for key in changes:
-        if key not in RESUME_OVERRIDES:
+        if key not in RESUME_OVERRIDES + OUTPUT_OVERRIDES:
             raise ConfigError(key, "cannot change when resuming (the finished blocks were computed with it)",
-                              f"resume with the run's own settings, changing at most {', '.join(RESUME_OVERRIDES)}")
+                              "resume with the run's own settings, changing at most "
+                              f"{', '.join(RESUME_OVERRIDES + OUTPUT_OVERRIDES)}")
     if changes:
         config = config.with_overrides(changes)
     record = RunRecord.reopen(run_dir)
-    note = Notice("warning", "resumed with " + ", ".join(f"{k}={v}" for k, v in changes.items()) +
-                  " for the blocks still to do") if changes else None
+    computing = {k: v for k, v in changes.items() if k in RESUME_OVERRIDES}
+    note = Notice("warning", "resumed with " + ", ".join(f"{k}={v}" for k, v in computing.items()) +
+                  " for the blocks still to do") if computing else None
     yield from _drive(_Run(config, record, _predicate(cancel), previous=previous), resumed=True, note=note)
 
 
@@ -175,6 +269,10 @@ class _Run:
         self.blocks: list[dict[str, Any]] = list(prev.get("blocks") or [])
         self.params: dict[str, int] = dict(prev.get("params") or {})
         self.structure: dict[str, list[dict[str, int] | None]] = dict(prev.get("structure") or {})
+        # label -> block -> layer -> weights kept by the mask but zero because their input channel never fires
+        self.dead_weights: dict[str, dict[str, dict[str, int]]] = {
+            label: dict(entry.get("blocks") or {}) for label, entry in (prev.get("dead_channel_weights") or {}).items()}
+        self.dead_kept: dict[str, torch.Tensor] = {}  # this block's layer -> kept positions in dead input columns
         self.eval_info: dict[str, Any] = {}
         self.calib_info: dict[str, Any] = {}
         self.precision: Precision | None = None
@@ -314,37 +412,7 @@ class _Run:
             torch.cuda.empty_cache()
 
     def _check_against_model(self, model_config) -> None:
-        cfg = self.config
-        context = int(getattr(model_config, "max_position_embeddings", 2048))
-        self.eval_seqlen = cfg.eval.seqlen or min(context, DEFAULT_EVAL_SEQLEN_CAP)
-        for name, value in (("calib.seqlen", cfg.calib.seqlen), ("eval.seqlen", self.eval_seqlen)):
-            if value > context:
-                raise ConfigError(name, f"{value} tokens is beyond the model's context of {context}",
-                                  f"use at most {context}")
-        if cfg.prune.structured:
-            n = model_config.num_hidden_layers
-            pruned = st.pruned_blocks(n, cfg.prune.keep_first, cfg.prune.keep_last)
-            if not pruned:
-                raise ConfigError("prune.keep_first", f"keeping the first {cfg.prune.keep_first} and last "
-                                  f"{cfg.prune.keep_last} blocks whole leaves none of the model's {n} to prune",
-                                  "lower --keep-first / --keep-last")
-            ratio = st.block_ratio(cfg.prune.sparsity, n, len(pruned))
-            if ratio > 0.9:
-                most = 0.9 * len(pruned) / n
-                raise ConfigError("prune.sparsity", f"removing {cfg.prune.sparsity:g} of all blocks' weights from "
-                                  f"only {len(pruned)} of {n} blocks takes {ratio:.0%} of each",
-                                  f"use a sparsity up to {most:.2f}, or keep fewer blocks whole (--keep-first, "
-                                  "--keep-last)")
-            if cfg.prune.taylor_seqlen > cfg.calib.seqlen or cfg.prune.taylor_samples > cfg.calib.nsamples:
-                raise ConfigError("prune.taylor_samples", f"the importance pass takes {cfg.prune.taylor_samples} x "
-                                  f"{cfg.prune.taylor_seqlen} tokens from {cfg.calib.nsamples} calibration samples "
-                                  f"of {cfg.calib.seqlen}", "use at most as many samples and tokens as calibration has")
-        nm = cfg.prune.nm
-        if nm is not None:
-            for width in (model_config.hidden_size, model_config.intermediate_size):
-                if width % nm[1]:
-                    raise ConfigError("prune.pattern", f"the model's width {width} is not a multiple of M={nm[1]}",
-                                      "choose an N:M pattern whose M divides it, or 'unstructured'")
+        self.eval_seqlen = check_against_model(self.config, model_config, read_structure(self.source))
 
     def _data(self) -> Iterator[Event]:
         cfg = self.config
@@ -466,6 +534,8 @@ class _Run:
         digest = new_digest()
         if train:  # the per-block table of this EBFT variant: keep the rows of the blocks being restored
             self.blocks = [b for b in self.blocks if b.get("label", "ebft") != label or b.get("index", n_blocks) < start]
+        # the restored blocks' dead-channel counts come from the summary; the blocks still to do count theirs
+        self.dead_weights[label] = {b: d for b, d in self.dead_weights.get(label, {}).items() if int(b) < start}
         if start == 0:
             self.checkpoints.start(label)
         else:
@@ -494,6 +564,7 @@ class _Run:
                         self._forward(block, call, hidden, stats=stats, keep=False)
                 targets, _ = self._forward(block, call, dense_hidden, keep=True)
                 dense_hidden = targets  # the dense output is the next block's dense input
+            self.dead_kept = {}
             if structured:
                 masks = self._shrink(block, i, scores, sparsities[i])
             else:
@@ -527,6 +598,11 @@ class _Run:
             block_total = sum(self.dense_numel[name] for name in kept)
             block_zeros = block_total - sum(kept.values())
             mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
+            dead = {name: int((kept_pos & (adapter.linears(block)[name].weight == 0)).sum())
+                    for name, kept_pos in self.dead_kept.items()}
+            if any(dead.values()):  # recorded before the checkpoint: a restored block's count is in the summary
+                self.dead_weights[label][str(i)] = {name: n for name, n in dead.items() if n}
+                self.record.write_summary(self._summary("running"))
             block.to("cpu")
             self._checkpoint(label, i, block)
             zeros, total = zeros + block_zeros, total + block_total
@@ -540,6 +616,12 @@ class _Run:
             yield self.emit(done)
         self.sparsity[label] = zeros / total
         self.masks[label] = digest.hexdigest()[:16]
+        dead_total, dead_layers = _dead_totals(self.dead_weights.get(label))
+        if dead_total:
+            yield self.emit(Notice("warning", f"{label}: {dead_total:,} weights in {dead_layers} layers were zeroed "
+                                              "because their input channel never fires (dead channels, as the "
+                                              f"reference SparseGPT does); measured sparsity {zeros / total:.1%} vs "
+                                              f"{cfg.prune.sparsity:.1%} asked"))
         self.params[label] = sum(t.numel() for t in self.model.parameters())
         if structured:
             self.structure[label] = [st.counts(b) for b in adapter.blocks]
@@ -676,6 +758,14 @@ class _Run:
                                 for name, l in linears.items()])
             lods.append(100.0 * float((scores > cfg.owl_m * scores.mean()).sum()) / scores.numel())
         yield self.emit(Notice("info", "OWL outlier ratios (%): " + ", ".join(f"{x:.2f}" for x in lods)))
+        raw = owl_spread(lods, cfg.sparsity, cfg.owl_lambda)
+        lo, hi = min(OWL_BOUNDS[0], cfg.sparsity), max(OWL_BOUNDS[1], cfg.sparsity)
+        clamped = [i for i, x in enumerate(raw) if not lo <= x <= hi]
+        if clamped:
+            yield self.emit(Notice("warning", f"OWL: λ={cfg.owl_lambda:g} spreads the sparsity of block(s) "
+                                   f"{', '.join(map(str, clamped))} beyond [{lo:g}, {hi:g}] "
+                                   f"({', '.join(f'{raw[i]:.3f}' for i in clamped)}): clamped, and the other blocks "
+                                   f"take the difference so that the mean stays {cfg.sparsity:g}"))
         return owl_sparsities(lods, cfg.sparsity, cfg.owl_lambda)
 
     def _taylor(self, pruned: list[int]) -> Iterator[Event]:
@@ -710,6 +800,8 @@ class _Run:
                     linear.weight.copy_(result.weight)
                 linear.weight.mul_(result.mask.to(linear.weight.device))
             masks[linear.weight] = result.mask.to(self.precision.device)
+            if result.dead_inputs is not None:
+                self.dead_kept[name] = masks[linear.weight] & result.dead_inputs.to(self.precision.device)
         return masks
 
     # ---- export, summary --------------------------------------------------------------------------------
@@ -748,6 +840,9 @@ class _Run:
             "mask_sha256": dict(self.masks), "sparsity_profile": dict(self.profiles), "blocks": list(self.blocks),
             "lora": dict(self.lora_info), "zeroshot": dict(self.zeroshot),
             "params": dict(self.params), "structure": dict(self.structure),
+            "dead_channel_weights": {
+                label: dict(zip(("weights", "layers"), _dead_totals(blocks)), blocks=dict(blocks))
+                for label, blocks in self.dead_weights.items() if blocks},
             "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
             "precision": None if p is None else {"device": str(p.device), "storage": _name(p.storage),
                                                  "compute": _name(p.compute)},
@@ -759,13 +854,44 @@ class _Run:
         }
 
 
-def owl_sparsities(lods: list[float], sparsity: float, lam: float) -> list[float]:
-    """Per-block sparsities from outlier ratios: density D = r - mean(r) + (1 - S), r the ratios scaled to
-    [0, 2λ]; more outliers keep more weights; the mean sparsity is S. Clamped into [0.01, 0.99]."""
+OWL_BOUNDS = (0.01, 0.99)  # the reference clamps a per-block sparsity <= 0 to 0.01; at most 0.99 keeps some weights
+
+
+def owl_spread(lods: list[float], sparsity: float, lam: float) -> list[float]:
+    """OWL's per-block sparsities before any bound (REFERENCE.md §5): density D = r - mean(r) + (1 - S), r the
+    outlier ratios scaled to [0, 2λ]; more outliers keep more weights; the mean is S. A wide spread leaves
+    (0, 1): see owl_sparsities."""
     lo, hi = min(lods), max(lods)
     r = [0.0 if hi == lo else (x - lo) / (hi - lo) * 2 * lam for x in lods]
     mean = sum(r) / len(r)
-    return [min(max(1 - (x - mean + 1 - sparsity), 0.01), 0.99) for x in r]
+    return [1 - (x - mean + 1 - sparsity) for x in r]
+
+
+def owl_sparsities(lods: list[float], sparsity: float, lam: float,
+                   bounds: tuple[float, float] = OWL_BOUNDS) -> list[float]:
+    """Per-block sparsities from outlier ratios: OWL's spread (owl_spread), held within ``bounds`` while their
+    mean stays exactly ``sparsity``: a block that would leave the bounds is clamped and what it cannot take
+    goes to the blocks that can, equally (the profile closest to OWL's with that mean, clamp(s + c) for one
+    shift c). Blocks keep their order: more outliers, lower sparsity. The bounds widen to hold the target
+    itself (sparsity 0 gives 0 everywhere), so the mean is always met."""
+    raw = owl_spread(lods, sparsity, lam)
+    lo, hi = min(bounds[0], sparsity), max(bounds[1], sparsity)
+    want = sparsity * len(raw)
+
+    def total(c: float) -> float:
+        return sum(min(max(s + c, lo), hi) for s in raw)
+
+    # total(c) rises piecewise linearly in c, bending where a block meets a bound: find the piece holding the
+    # target, then the shift on it exactly (the blocks strictly inside the bounds move with c, the rest stay).
+    points = sorted({b - s for s in raw for b in (lo, hi)})
+    below = [c for c in points if total(c) <= want]
+    a = below[-1] if below else points[0]
+    above = [c for c in points if c > a]
+    probe = (a + above[0]) / 2 if above else a + 1.0
+    free = [s for s in raw if lo < s + probe < hi]
+    fixed = sum(min(max(s + probe, lo), hi) for s in raw if not lo < s + probe < hi)
+    c = (want - fixed - sum(free)) / len(free) if free else a
+    return [min(max(s + c, lo), hi) for s in raw]
 
 
 def _emitting(gen, emit):
@@ -775,6 +901,12 @@ def _emitting(gen, emit):
             yield emit(next(gen))
     except StopIteration as stop:
         return stop.value
+
+
+def _dead_totals(blocks: dict[str, dict[str, int]] | None) -> tuple[int, int]:
+    """(weights, layers) of one variant's dead-channel counts (block -> layer -> weights)."""
+    layers = [n for per_layer in (blocks or {}).values() for n in per_layer.values()]
+    return sum(layers), len(layers)
 
 
 def _count_zeros(linears: dict[str, nn.Linear], dense_numel: dict[str, int]) -> tuple[int, int]:

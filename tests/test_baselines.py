@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ebft_engine import RunConfig, run
 from ebft_engine.config import ConfigError
-from ebft_engine.pipeline import owl_sparsities
+from ebft_engine.pipeline import OWL_BOUNDS, owl_sparsities, owl_spread
+from ebft_engine.sparsity.structured import dense_shapes as st_dense_shapes
 from ebft_engine.sparsity import LayerStats, get_method
 from ebft_engine.sparsity.dsnot import refine
 from ebft_engine.sparsity.wanda import wanda_scores
@@ -64,6 +67,70 @@ def test_owl_spreads_sparsity_by_outliers_around_the_target():
     assert max(s) - min(s) == pytest.approx(0.16)
     assert s.index(min(s)) == lods.index(max(lods))  # the most outliers keep the most weights
     assert owl_sparsities([2.0, 2.0], 0.5, 0.08) == [0.5, 0.5]
+
+
+OWL_LODS = st.lists(st.floats(0, 50, allow_nan=False), min_size=1, max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(lods=OWL_LODS, sparsity=st.floats(0, 0.999), lam=st.floats(0, 5))
+def test_owl_profile_averages_the_target_exactly_within_bounds_in_outlier_order(lods, sparsity, lam):
+    s = owl_sparsities(lods, sparsity, lam)
+    lo, hi = min(OWL_BOUNDS[0], sparsity), max(OWL_BOUNDS[1], sparsity)
+    assert len(s) == len(lods)
+    assert abs(sum(s) / len(s) - sparsity) <= 1e-9
+    assert all(lo - 1e-12 <= x <= hi + 1e-12 for x in s)
+    for a, b in zip(lods, s):  # more outliers never get a higher sparsity
+        assert all(y <= b + 1e-12 for x, y in zip(lods, s) if x > a)
+    raw = owl_spread(lods, sparsity, lam)
+    inside = [x - r for x, r in zip(s, raw) if lo + 1e-9 < x < hi - 1e-9]
+    assert max(inside, default=0) - min(inside, default=0) <= 1e-9  # the unclamped blocks move together
+    if all(lo <= r <= hi for r in raw):
+        assert s == pytest.approx(raw, abs=1e-12)  # nothing to clamp: OWL's own profile
+
+
+@pytest.mark.parametrize("lods, sparsity, lam, expected", [
+    ([0.75, 0.81, 0.83, 0.77], 0.9, 0.2, [0.99, 0.86, 0.76, 0.99]),  # issue #11: block 0 would be 1.104
+    ([1.0, 2.0, 3.0, 4.0], 0.05, 0.1, [0.1233333, 0.0566667, 0.01, 0.01]),  # raw 0.017, -0.05: two at the floor
+    ([1.0, 2.0, 3.0], 0.995, 0.3, [0.995, 0.995, 0.995]),  # a target above 0.99 is every block's
+    ([1.0, 5.0], 0.0, 0.08, [0.0, 0.0]),  # nothing pruned anywhere
+])
+def test_owl_profile_gives_a_clamped_blocks_share_to_the_others(lods, sparsity, lam, expected):
+    s = owl_sparsities(lods, sparsity, lam)
+    assert s == pytest.approx(expected, abs=1e-6)
+    assert sum(s) / len(s) == pytest.approx(sparsity, abs=1e-12)
+
+
+def test_owl_at_90_with_a_wide_spread_measures_90_within_rounding(tiny_run_config, tmp_path):
+    """Issue #11: owl-wanda 0.9 with λ 0.2 on a 4-block model clamped block 0 to 0.99 and measured 86.7%."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ebft_engine.models import byte_tokenizer
+    from ebft_engine.sparsity import prune_count
+
+    torch.manual_seed(0)
+    model_config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                               tie_word_embeddings=False)
+    LlamaForCausalLM(model_config).save_pretrained(tmp_path / "tiny4")
+    byte_tokenizer().save_pretrained(tmp_path / "tiny4")
+    config = tiny_run_config.with_overrides({"model": str(tmp_path / "tiny4"), "prune.method": "owl-wanda",
+                                             "prune.sparsity": 0.9, "prune.owl_lambda": 0.2, "ebft.epochs": 0})
+    events = list(run(config))
+    summary = events[-1].summary
+    assert summary["status"] == "finished"
+    profile = summary["sparsity_profile"]["owl-wanda"]
+    assert max(profile) == pytest.approx(0.99) and sum(profile) / 4 == pytest.approx(0.9, abs=1e-6)
+    warnings = [e.text for e in events if e.kind == "notice" and e.level == "warning"]
+    assert any(w.startswith("OWL: λ=0.2 spreads the sparsity of block(s) 0 beyond [0.01, 0.99]") and
+               "the mean stays 0.9" in w for w in warnings), warnings
+    # Wanda removes int(cols * s) of every row: the measured figure is the profile's, rounded per row, no more
+    shapes = st_dense_shapes(model_config)
+    total = 4 * sum(n_in * n_out for n_in, n_out in shapes.values())
+    removed = sum(n_out * prune_count(n_in, s) for s in profile for n_in, n_out in shapes.values())
+    measured = summary["actual_sparsity"]["owl-wanda"]
+    assert measured == pytest.approx(removed / total, abs=1e-12)
+    assert 0.9 - 1 / 64 < measured <= 0.9  # each row rounds down by less than one of its 64 (or 128) weights
 
 
 def test_owl_with_n_of_m_is_refused():
@@ -174,3 +241,52 @@ def test_self_generated_sequences_feed_the_reconstruction_but_not_the_pruning_st
 def test_mixing_generated_sequences_into_a_generated_set_is_refused():
     with pytest.raises(ConfigError, match="already generated"):
         RunConfig.from_dict({"calib": {"source": "self", "self_nsamples": 8}})
+
+
+def test_sparsegpt_says_why_dead_channels_measure_above_the_target_and_a_resume_keeps_the_count(
+        tiny_run_config, tiny_llama, tmp_path):
+    """Issue #11: SparseGPT zeroes the weights of inputs that never fire (the reference's W[:, dead] = 0); at 2:4
+    a group of four dead columns still keeps two of them, zero, so the model measures above 50%. The run says so
+    per variant and records the count, and a resumed run counts the same."""
+    import threading
+
+    from ebft_engine import resume
+    from ebft_engine.models import byte_tokenizer
+
+    with torch.no_grad():  # a zero norm weight silences its channel for every token
+        tiny_llama.model.layers[0].input_layernorm.weight[:16] = 0  # q, k, v of block 0 read 16 dead inputs
+        tiny_llama.model.layers[1].post_attention_layernorm.weight[8:24] = 0  # gate, up of block 1 likewise
+    tiny_llama.save_pretrained(tmp_path / "dead")
+    byte_tokenizer().save_pretrained(tmp_path / "dead")
+    config = tiny_run_config.with_overrides({
+        "model": str(tmp_path / "dead"), "prune.method": "sparsegpt", "prune.pattern": "2:4",
+        "prune.sparsity": None, "baselines": "sparsegpt,wanda", "ebft.epochs": 1})
+    events = list(run(config))
+    summary = events[-1].summary
+    assert summary["status"] == "finished"
+    total = 2 * sum(n_in * n_out for n_in, n_out in st_dense_shapes(tiny_llama.config).values())
+    blocks = {"0": {"q_proj": 64 * 2 * 4, "k_proj": 32 * 2 * 4, "v_proj": 32 * 2 * 4},  # rows x 2 kept x 4 groups
+              "1": {"gate_proj": 128 * 2 * 4, "up_proj": 128 * 2 * 4}}
+    warnings = [e.text for e in events if e.kind == "notice" and e.level == "warning"]
+    for label in ("sparsegpt", "ebft"):  # EBFT trains from sparsegpt's masks; dead inputs give zero gradients
+        measured = summary["actual_sparsity"][label]
+        assert summary["dead_channel_weights"][label] == {"weights": 3072, "layers": 5, "blocks": blocks}
+        assert measured * total == pytest.approx(total / 2 + 3072)  # exactly the zeroed weights above 50%
+        assert (f"{label}: 3,072 weights in 5 layers were zeroed because their input channel never fires (dead "
+                f"channels, as the reference SparseGPT does); measured sparsity {measured:.1%} vs 50.0% asked"
+                in warnings), warnings
+    assert summary["actual_sparsity"]["wanda"] == 0.5 and "wanda" not in summary["dead_channel_weights"]
+    assert not any(w.startswith("wanda:") for w in warnings)
+
+    cancel = threading.Event()  # stop inside sparsegpt's block 1: block 0's count must survive the resume
+    stopped = []
+    for event in run(config.with_overrides({"runs_dir": str(tmp_path / "stopped")}), cancel):
+        stopped.append(event)
+        if event.kind == "block_started" and event.label == "sparsegpt" and event.block == 1:
+            cancel.set()
+    assert stopped[-1].status == "cancelled"
+    assert stopped[-1].summary["dead_channel_weights"]["sparsegpt"]["blocks"] == {"0": blocks["0"]}
+    resumed = list(resume(stopped[0].run_dir))
+    assert any("resuming sparsegpt: blocks 0-0 restored" in e.text for e in resumed if e.kind == "notice")
+    assert resumed[-1].summary["dead_channel_weights"] == summary["dead_channel_weights"]
+    assert resumed[-1].summary["actual_sparsity"] == summary["actual_sparsity"]

@@ -130,3 +130,50 @@ def test_grid_writes_one_table_for_methods_sparsities_and_recoveries(tiny_run_co
                      "--out", str(tmp_path / "t2")]) == 2
     assert "grid.sparsities: 'lots' is neither a fraction nor N:M" in bad.getvalue()
     assert not (tmp_path / "t2.csv").exists()
+
+
+def _refused(argv):
+    import contextlib
+
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(argv, out=out)
+    return code, err.getvalue().strip().splitlines(), out.getvalue()
+
+
+def test_what_the_models_config_rules_out_exits_2_with_one_line_and_no_run_folder(tiny_run_config, tmp_path):
+    """Issue #11: a context-length refusal exited 1 and left a failed run folder; 4:8 on a model whose o_proj
+    reads 60 columns was refused after the dense evaluation, without naming o_proj."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ebft_engine.models import byte_tokenizer
+
+    torch.manual_seed(0)
+    narrow = tmp_path / "heads-of-20"
+    LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=48, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=3, num_key_value_heads=3, head_dim=20,
+                                 max_position_embeddings=128)).save_pretrained(narrow)
+    byte_tokenizer().save_pretrained(narrow)
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(tiny_run_config.to_yaml())
+    runs = tmp_path / "refused-runs"
+    base = ["run", "--config", str(preset), "--runs-dir", str(runs), "--quiet"]
+
+    code, err, out = _refused(base + ["--seqlen", "256"])
+    assert (code, err, out) == (2, ["error: calib.seqlen: 256 tokens is beyond the model's context of 128; use at "
+                                    "most 128"], "")
+    code, err, out = _refused(base + ["--eval-seqlen", "4096"])
+    assert code == 2 and err == ["error: eval.seqlen: 4096 tokens is beyond the model's context of 128; use at "
+                                 "most 128"]
+    code, err, out = _refused(base + ["--model", str(narrow), "--pattern", "4:8"])
+    assert code == 2 and err == [
+        "error: prune.pattern: 4:8 groups every 8 input columns of a layer, and o_proj reads 60 columns (3 heads x "
+        "head_dim 20), not a multiple of 8; use an N:M pattern whose M divides every layer's width (all are "
+        "multiples of 4), such as 2:4, or --pattern unstructured"], err
+    # a grid is checked cell by cell before its first run: the 0.5 cell does not run and leave the 4:8 one behind
+    code, err, out = _refused(["grid", "--config", str(preset), "--model", str(narrow), "--runs-dir", str(runs),
+                               "--methods", "wanda", "--sparsities", "0.5,4:8", "--out", str(tmp_path / "t")])
+    assert code == 2 and len(err) == 1 and "o_proj reads 60 columns" in err[0] and out == ""
+    assert not runs.exists() or not any(runs.iterdir())
+    assert not (tmp_path / "t.csv").exists()

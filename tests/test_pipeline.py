@@ -110,11 +110,78 @@ def test_consumer_closing_the_generator_records_cancelled(tiny_run_config):
 
 
 def test_failure_is_reported_as_events_not_traceback(tiny_run_config, tmp_path):
-    config = tiny_run_config.with_overrides({"calib.seqlen": 5000})
+    (tmp_path / "not-a-model").mkdir()
+    config = tiny_run_config.with_overrides({"model": str(tmp_path / "not-a-model")})
     events = _collect(config)
     assert events[-1].status == "failed"
     notice = [e for e in events if e.kind == "notice" and e.level == "error"][0]
-    assert "calib.seqlen" in notice.text and "context of 128" in notice.text
+    assert "has no config.json" in notice.text
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"calib.seqlen": 5000}, "calib.seqlen: 5000 tokens is beyond the model's context of 128; use at most 128"),
+    ({"eval.seqlen": 129}, "eval.seqlen: 129 tokens is beyond the model's context of 128; use at most 128"),
+    ({"prune.pattern": "4:5", "prune.sparsity": None}, "prune.pattern: 4:5 groups every 5 input columns"),
+])
+def test_what_the_models_config_rules_out_is_refused_before_a_run_folder_exists(tiny_run_config, overrides, words):
+    from pathlib import Path
+
+    from ebft_engine import ConfigError
+
+    with pytest.raises(ConfigError, match="^" + words.replace("(", r"\(").replace(")", r"\)")):
+        next(run(tiny_run_config.with_overrides(overrides)))
+    runs = Path(tiny_run_config.runs_dir)
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def _llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("model, pattern, structure, named", [
+    # o_proj reads heads x head_dim = 60 columns while the hidden size (48) is a multiple of 8 (issue #11)
+    (dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, head_dim=20), "4:8", None,
+     ["o_proj reads 60 columns (3 heads x head_dim 20)"]),
+    # only the MLP's width: down_proj reads the intermediate size
+    (dict(intermediate_size=100), "4:8", None, ["down_proj reads 100 columns"]),
+    # the hidden size: every projection that reads it, and o_proj through hidden / heads
+    (dict(hidden_size=36, num_attention_heads=2, intermediate_size=76), "2:8", None,
+     ["q_proj, k_proj, v_proj, gate_proj, up_proj read 36 columns", "o_proj reads 36 columns (2 heads x head_dim 18)",
+      "down_proj reads 76 columns"]),
+    # a saved structurally pruned model: block 1 kept 90 MLP channels and 3 of 4 heads
+    (dict(), "4:8", [None, {"heads": 3, "kv_heads": 1, "channels": 90}],
+     ["down_proj reads 90 columns in block 1"]),  # o_proj's 3 x 16 = 48 fits
+])
+def test_n_of_m_needs_every_pruned_layers_input_width_to_be_a_multiple_of_m(model, pattern, structure, named):
+    from ebft_engine import ConfigError, RunConfig
+    from ebft_engine.pipeline import check_against_model
+
+    config = RunConfig.from_dict({"prune": {"pattern": pattern}, "calib": {"seqlen": 32}, "eval": {"seqlen": 64}})
+    with pytest.raises(ConfigError) as refused:
+        check_against_model(config, _llama_config(**model), structure)
+    e = refused.value
+    assert e.field == "prune.pattern" and "--pattern unstructured" in e.fix
+    for words in named:
+        assert words in e.problem, e.problem
+    widths = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # no layer that fits is named
+    assert {w for w in widths if w in e.problem} == {w for text in named for w in widths if w in text}
+
+
+@pytest.mark.parametrize("model, pattern", [
+    (dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=3, head_dim=20), "2:4"),  # 48, 60, 128
+    (dict(), "4:8"),
+])
+def test_n_of_m_that_fits_every_width_passes(model, pattern):
+    from ebft_engine import RunConfig
+    from ebft_engine.pipeline import check_against_model
+
+    config = RunConfig.from_dict({"prune": {"pattern": pattern}, "calib": {"seqlen": 32}, "eval": {"seqlen": 64}})
+    assert check_against_model(config, _llama_config(**model)) == 64
 
 
 def test_dense_weights_restored_between_variants(tiny_run_config):

@@ -186,3 +186,37 @@ def test_a_structured_run_resumes_with_the_same_smaller_blocks(four_block_config
     summary = events[-1].summary
     _assert_same_result(summary, reference, tmp_path / "model", tmp_path / "reference-model")
     assert summary["structure"] == reference["structure"] and summary["params"] == reference["params"]
+
+
+def test_resume_accepts_the_flags_that_say_where_output_goes(tiny_run_config, tmp_path):
+    """Issue #11: `--resume RUN --json-out s.json` was refused, so a script could not collect a resumed run's
+    summary. --json-out and --quiet change nothing the run computes; the flags that do are still refused."""
+    import contextlib
+    import io
+    import threading
+
+    from ebft_engine.cli import main
+
+    cancel = threading.Event()
+    events = []
+    for event in run(tiny_run_config, cancel):
+        events.append(event)
+        if event.kind == "step_loss" and event.block == 1 and event.step == 2:
+            cancel.set()
+    assert events[-1].status == "cancelled"
+    run_dir = Path(events[0].run_dir)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["run", "--resume", str(run_dir), "--json-out", str(tmp_path / "s.json"), "--quiet"], out=out)
+    assert code == 0, err.getvalue() + out.getvalue()
+    collected = json.loads((tmp_path / "s.json").read_text())
+    assert collected["status"] == "finished" and set(collected["ppl"]) == {"dense", "ebft"}
+    assert collected == json.loads((run_dir / "summary.json").read_text())
+    assert "resumed with" not in out.getvalue()  # nothing the remaining blocks compute from was changed
+    assert "== ebft" not in out.getvalue()  # --quiet held
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["run", "--resume", str(run_dir), "--runs-dir", str(tmp_path), "--json-out", "x.json"]) == 2
+    assert err.getvalue().strip().splitlines() == [
+        "error: --resume continues a run with the settings it was started with; drop --runs-dir (or start a new run "
+        "with them); only --batch-size, --activations, --json-out and --quiet may be given with it"]

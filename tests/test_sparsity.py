@@ -73,6 +73,37 @@ def test_sparsegpt_mask_variant_keeps_original_weights(layer):
     assert result.weight is None  # mask only: the pipeline multiplies the original weights by it
 
 
+@pytest.mark.parametrize("sparsity,nm", [(0.5, (2, 4)), (0.5, (4, 8)), (0.5, None), (0.05, None)])
+def test_sparsegpt_zeroes_dead_input_columns_and_says_which(layer, sparsity, nm):
+    """The reference sets W[:, dead] = 0 where an input never fires (REFERENCE.md §3): the mask keeps its exact
+    count, and the kept weights of dead columns, zero, lift the measured sparsity; the result names the columns."""
+    weight, _, flat = layer
+    dead = torch.zeros(COLS, dtype=torch.bool)
+    dead[[0, 1, 2, 3, 9, 40]] = True
+    flat = flat.clone()
+    flat[:, dead] = 0
+    stats = LayerStats(hessian=2 / 6 * flat.T @ flat)
+    result = get_method("sparsegpt").fn(weight, stats, sparsity, nm)
+    assert torch.equal(result.dead_inputs, dead)
+    assert (result.weight[:, dead] == 0).all()
+    if nm is None:
+        assert int((~result.mask).sum()) == prune_count(ROWS * COLS, sparsity)
+    else:
+        assert (result.mask.reshape(ROWS, COLS // nm[1], nm[1]).sum(-1) == nm[0]).all()
+    kept_dead = int((result.mask & dead).sum())
+    if nm is None:  # a zero weight has zero saliency: the dead ones go first, and only a low target keeps some
+        assert kept_dead == max(0, ROWS * int(dead.sum()) - prune_count(ROWS * COLS, sparsity))
+    else:  # N:M keeps N of every group: a group with fewer than N live columns keeps dead ones (2:4's first)
+        live = (~dead).reshape(-1, nm[1]).sum(1)
+        assert kept_dead == ROWS * int((nm[0] - live).clamp_min(0).sum())
+    assert int((result.weight == 0).sum()) == int((~result.mask).sum()) + kept_dead  # the excess is exactly those
+    # the mask-only variant keeps the original weights: nothing zeroed, nothing to report
+    mask_only = get_method("sparsegpt-mask").fn(weight, stats, sparsity, nm)
+    assert mask_only.dead_inputs is None
+    # every channel live: nothing reported
+    assert get_method("sparsegpt").fn(weight, layer[1], sparsity, nm).dead_inputs is None
+
+
 def test_stats_collector_matches_direct_computation(tiny_llama, calib_tokens):
     from ebft_engine.models import LlamaAdapter
 

@@ -39,6 +39,9 @@ class LayerStats:
 class MaskResult:
     mask: torch.Tensor  # bool, True = kept
     weight: torch.Tensor | None = None  # updated weights (SparseGPT), already zero where the mask is False
+    # bool (in_features,): input columns whose weights the method set to zero because they never fire (SparseGPT
+    # zeroes dead inputs, as the reference does): kept by the mask yet zero, they lift the measured sparsity
+    dead_inputs: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,10 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
 
 @register("sparsegpt", needs=("hessian",), description="OBS saliency with weight update")
 def sparsegpt(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
-    mask, new = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=True, factor=_factor(stats))
-    return MaskResult(mask, new)
+    factor = _factor(stats)
+    mask, new = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=True, factor=factor)
+    dead = factor[1]
+    return MaskResult(mask, new, dead_inputs=dead if bool(dead.any()) else None)
 
 
 def _factor(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
