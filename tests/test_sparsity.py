@@ -108,7 +108,7 @@ def _plain_sparsegpt(weight, hessian, sparsity, nm, blocksize, update=True, perc
 
     Counting convention (the project's, documented in sparsegpt.py): each block of ``blocksize`` columns
     removes its share of ``int(rows·cols·s)`` so that the running total after the block is int(rows·cols_so_far·s).
-    Ties in the saliency would go to the lower (row-major) position; the test data has none.
+    Ties in the saliency (the zeroed dead column's) go to the lower row-major position, as a stable sort's do.
     """
     W = weight.double().clone()
     rows, cols = W.shape
