@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ebft_engine.sparsity import LayerStats, StatsCollector, get_method, prune_count
+from ebft_engine.config import DSNOT_INITS, PRUNE_METHODS, STRUCTURED_METHODS, PruneConfig
+from ebft_engine.sparsity import LayerStats, StatsCollector, available_methods, get_method, prune_count
 from ebft_engine.sparsity.wanda import wanda_scores
 
 ROWS, COLS = 24, 64
@@ -16,30 +17,59 @@ def layer():
     weight = torch.randn(ROWS, COLS, generator=g)
     x = torch.randn(6, 40, COLS, generator=g) * torch.linspace(0.1, 3, COLS)  # uneven input scales
     flat = x.reshape(-1, COLS)
-    stats = LayerStats(input_norms=(flat ** 2).sum(0) / x.shape[0], hessian=2 / x.shape[0] * flat.T @ flat)
+    stats = LayerStats(input_norms=(flat ** 2).sum(0) / x.shape[0], hessian=2 / x.shape[0] * flat.T @ flat,
+                       token_mean_sum=flat.sum(0) / x.shape[0], token_var=flat.var(0, unbiased=False))
     return weight, stats, flat
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "sparsegpt-mask"])
+# Every registered method, with each set of options that changes what it reads (DSnoT: its initial method).
+METHOD_CASES = [(name, PruneConfig(dsnot_init=init) if get_method(name).needs_for else PruneConfig())
+                for name in available_methods()
+                for init in (DSNOT_INITS if get_method(name).needs_for else DSNOT_INITS[:1])]
+CASE_IDS = [f"{name}-{cfg.dsnot_init}" if get_method(name).needs_for else name for name, cfg in METHOD_CASES]
+STAT_FIELDS = {"input_norms": ("input_norms",), "hessian": ("hessian",), "moments": ("token_mean_sum", "token_var")}
+
+
+def _run(name, cfg, weight, stats, sparsity, nm):
+    """Call a method as the pipeline does, on an attention projection (which DSnoT refines by default), giving it
+    only the statistics the registry says it reads: a method that reads more fails here."""
+    needs = get_method(name).needs_with(cfg)
+    assert needs <= set(STAT_FIELDS), f"{name} reads {sorted(needs - set(STAT_FIELDS))}: teach this test to make them"
+    given = LayerStats(**{f: getattr(stats, f) for need in needs for f in STAT_FIELDS[need]})
+    return get_method(name).fn(weight, given, sparsity, nm, layer="q_proj", cfg=cfg)
+
+
+def _per_row(name, cfg):
+    """Whether a method's unstructured sparsity is exact per row (Wanda's comparison group; DSnoT keeps its initial
+    mask's count in every row) rather than per matrix."""
+    return name == "wanda" or (name == "dsnot" and _per_row(cfg.dsnot_init, cfg))
+
+
+def test_every_registered_method_can_be_chosen():
+    """The config's list of methods is the registry's (plus the structured ones, which are not mask methods)."""
+    assert set(available_methods()) == set(PRUNE_METHODS) - set(STRUCTURED_METHODS)
+
+
+@pytest.mark.parametrize("method,cfg", METHOD_CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.7, 0.9])
-def test_unstructured_sparsity_is_exact(layer, method, sparsity):
+def test_unstructured_sparsity_is_exact(layer, method, cfg, sparsity):
     weight, stats, _ = layer
-    result = get_method(method).fn(weight, stats, sparsity, None)
+    result = _run(method, cfg, weight, stats, sparsity, None)
     assert result.mask.dtype == torch.bool and result.mask.shape == weight.shape
     pruned = int((~result.mask).sum())
-    if method == "wanda":  # Wanda compares within each row: every row loses exactly int(cols * s)
+    if _per_row(method, cfg):  # every row loses exactly int(cols * s)
         assert ((~result.mask).sum(1) == prune_count(COLS, sparsity)).all()
     else:
         assert pruned == prune_count(ROWS * COLS, sparsity)
     if result.weight is not None:
-        assert (result.weight[~result.mask] == 0).all()
+        assert result.weight.shape == weight.shape and (result.weight[~result.mask] == 0).all()
 
 
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "sparsegpt-mask"])
+@pytest.mark.parametrize("method,cfg", METHOD_CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
-def test_n_of_m_keeps_exactly_n_in_every_group(layer, method, n, m):
+def test_n_of_m_keeps_exactly_n_in_every_group(layer, method, cfg, n, m):
     weight, stats, _ = layer
-    mask = get_method(method).fn(weight, stats, 1 - n / m, (n, m)).mask
+    mask = _run(method, cfg, weight, stats, 1 - n / m, (n, m)).mask
     assert (mask.reshape(ROWS, COLS // m, m).sum(-1) == n).all()
 
 
