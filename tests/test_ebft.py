@@ -35,14 +35,23 @@ def _setup(tiny_llama, calib_tokens, precision):
 
 
 def _train(block, call, inputs, targets, masks, precision, epochs=8):
+    """Run the trainer to the end; after every optimiser step (each yielded StepLoss comes right after one)
+    check that the pruned weights are exactly zero at that moment, not only after the final re-masking."""
     cfg = EbftConfig(epochs=epochs, lr=1e-3, batch_size=2)
     gen = finetune_block(block, call, inputs, targets, masks, cfg, precision, label="ebft", index=0, seed=0)
     events = []
     try:
         while True:
             events.append(next(gen))
+            _assert_pruned_are_zero(masks, f"after step {events[-1].step}")
     except StopIteration as stop:
         return stop.value, events
+
+
+def _assert_pruned_are_zero(masks, when):
+    for weight, mask in masks.items():
+        leaked = int((weight.detach()[~mask] != 0).sum())
+        assert leaked == 0, f"{leaked} pruned weights of a {tuple(weight.shape)} matrix are nonzero {when}"
 
 
 def test_ebft_lowers_block_loss_and_keeps_zeros(tiny_llama, calib_tokens):
