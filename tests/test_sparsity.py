@@ -101,6 +101,15 @@ def test_sparsegpt_mask_variant_keeps_original_weights(layer):
     weight, stats, _ = layer
     result = get_method("sparsegpt-mask").fn(weight, stats, 0.5, None)
     assert result.weight is None  # mask only: the pipeline multiplies the original weights by it
+    dead = torch.zeros(COLS, dtype=torch.bool)
+    dead[[5, 17]] = True
+    hessian = stats.hessian.clone()
+    hessian[dead, :] = 0
+    hessian[:, dead] = 0
+    result = get_method("sparsegpt-mask").fn(weight, LayerStats(hessian=hessian), 0.5, None)
+    original = weight.clone()
+    original[:, dead] = 0  # like the reference: dead input columns are zeroed, nothing else changes
+    assert torch.equal(result.weight, original * result.mask) and torch.equal(result.dead_inputs, dead)
 
 
 @pytest.mark.parametrize("sparsity,nm", [(0.5, (2, 4)), (0.5, (4, 8)), (0.5, None), (0.05, None)])
@@ -127,9 +136,12 @@ def test_sparsegpt_zeroes_dead_input_columns_and_says_which(layer, sparsity, nm)
         live = (~dead).reshape(-1, nm[1]).sum(1)
         assert kept_dead == ROWS * int((nm[0] - live).clamp_min(0).sum())
     assert int((result.weight == 0).sum()) == int((~result.mask).sum()) + kept_dead  # the excess is exactly those
-    # the mask-only variant keeps the original weights: nothing zeroed, nothing to report
+    # the mask-only variant (the EBFT reference's copy) zeroes the dead columns too, and nothing else
     mask_only = get_method("sparsegpt-mask").fn(weight, stats, sparsity, nm)
-    assert mask_only.dead_inputs is None
+    assert torch.equal(mask_only.dead_inputs, dead) and int((mask_only.mask & dead).sum()) == kept_dead
+    original = weight.clone()
+    original[:, dead] = 0
+    assert torch.equal(mask_only.weight, original * mask_only.mask)
     # every channel live: nothing reported
     assert get_method("sparsegpt").fn(weight, layer[1], sparsity, nm).dead_inputs is None
 
@@ -267,8 +279,6 @@ def test_sparsegpt_mask_variant_matches_plain_algorithm(sparsity, nm):
     assert torch.equal(mask, keep), f"{int((mask != keep).sum())} mask entries differ"
 
 
-@pytest.mark.xfail(strict=True, reason="sparsegpt-mask keeps weights on dead input channels; the EBFT reference "
-                   "zeroes W[:, dead] before the saliency, so they go first (reported, not fixed here)")
 def test_sparsegpt_mask_variant_prunes_dead_columns_like_the_reference(sgpt_problem):
     weight, hessian = sgpt_problem
     mask, _ = _sgpt_run(weight, hessian, 0.5, (2, 4), 128, "sparsegpt-mask")

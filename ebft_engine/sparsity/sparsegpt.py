@@ -5,7 +5,8 @@ U = chol(H⁻¹) in upper form, saliency w²/U_jj² chosen per 128-column block 
 (N:M), and for each pruned column the error is spread over the columns not yet processed.
 
 ``sparsegpt-mask`` is the variant inside the EBFT reference code: the same saliency, but no weight update
-(the mask is chosen on the original weights, which EBFT then trains).
+(the mask is chosen on the original weights, which EBFT then trains). Both zero the weights of dead input
+columns (diag H = 0) first, as the reference does, so those weights are the first to go.
 """
 from __future__ import annotations
 
@@ -45,8 +46,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     W = weight.detach().float().clone()
     rows, cols = W.shape
     U, dead = factor if factor is not None else inverse_hessian_factor(hessian)
-    if update:
-        W[:, dead] = 0
+    W[:, dead] = 0  # a column whose input never fires: its weights go first (the reference, with or without update)
+    original = W.clone()
     if nm is not None:
         check_divisible(cols, nm[1])
     mask = torch.ones_like(W, dtype=torch.bool)
@@ -81,7 +82,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
         if update:
             W[:, i1:i2] = W1 * M1
             W[:, i2:] -= Err1 @ U[i1:i2, i2:]
-    new_weight = (W * mask) if update else weight.detach().float() * mask
+    new_weight = (W if update else original) * mask
     return mask, new_weight.to(weight.dtype)
 
 
@@ -99,5 +100,9 @@ def _factor(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
 
 @register("sparsegpt-mask", needs=("hessian",), description="SparseGPT saliency, original weights (EBFT's copy)")
 def sparsegpt_mask(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
-    mask, _ = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=False, factor=_factor(stats))
-    return MaskResult(mask)
+    factor = _factor(stats)
+    mask, new = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=False, factor=factor)
+    dead = factor[1]
+    if not bool(dead.any()):
+        return MaskResult(mask)  # the original weights, masked by the pipeline
+    return MaskResult(mask, new, dead_inputs=dead)  # the original weights with dead columns zeroed
