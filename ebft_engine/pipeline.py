@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import calibration_tokens, evaluation_tokens, self_cache_path
-from .device import Precision, pick_device, pick_precision
+from .device import Precision, check_finite, non_finite, pick_device, pick_precision
 from .errors import Cancelled, ConfigError, EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                      RunFinished, RunStarted, ZeroShotFinished)
@@ -142,6 +142,7 @@ def _drive(state: "_Run", resumed: bool, note: Notice | None = None) -> Iterator
         state.finish("cancelled")
         raise
     except EbftError as e:
+        state.error = {"field": getattr(e, "field", None), "message": str(e)}
         yield state.emit(Notice("error", str(e)))
     except torch.OutOfMemoryError:
         state.release()
@@ -182,6 +183,7 @@ class _Run:
         self.plan: MemoryPlan | None = None
         self.where = "starting"  # what the run is doing, for a message if memory runs out
         self.finished_summary: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None  # why the run failed: {"field": a ConfigError's or None, "message"}
         self.kept: dict[int, dict[str, list[int]]] = {}
         record.write_config(config.to_dict())
         record.write_summary(self._summary("running"))  # a crash leaves this: the folder says it never finished
@@ -387,7 +389,7 @@ class _Run:
         yield self.emit(PhaseStarted("eval", label))
         t = time.perf_counter()
         res = perplexity(self.adapter, self.eval_ids, self.eval_seqlen, self.precision,
-                         windows=self.config.eval.windows, cancelled=self.cancelled)
+                         windows=self.config.eval.windows, cancelled=self.cancelled, label=label)
         self.ppl[label] = res.ppl
         self.record.write_summary(self._summary("running"))  # a finished number survives a crash
         done = self._phase_done("eval", label, t)
@@ -458,7 +460,8 @@ class _Run:
         dense_hidden = None
         if gp:  # the dense model's own stream: block i's target is the dense block on dense inputs
             dense_hidden = hidden.clone()
-            for block in list(adapter.blocks)[:start]:  # still dense here: restoring comes next
+            for i, block in enumerate(list(adapter.blocks)[:start]):  # still dense here: restoring comes next
+                self.where = f"block {i} of the dense stream"
                 block.to(p.device)
                 dense_hidden, _ = self._forward(block, call, dense_hidden, keep=True)
                 block.to("cpu")
@@ -558,6 +561,7 @@ class _Run:
             if kept is not None:
                 self.kept[i] = kept
             if redo:
+                self.where = f"block {i} of {label} (restored)"
                 block.to(p.device)
                 hidden, _ = self._forward(block, call, hidden, keep=True)
                 block.to("cpu")
@@ -598,6 +602,9 @@ class _Run:
                 stats.enabled = start < primary
             with p.autocast():
                 y = call(block, x)
+            # the output as it is stored and propagated: float16 storage turns activations past 65504 into inf
+            y = y.to(hidden.dtype)
+            check_finite(y, p, f"the calibration output of {self.where}")
             if stats is not None and start < primary:
                 stats.count(x.shape[0])
             if targets is not None:
@@ -663,9 +670,10 @@ class _Run:
         cfg, p = self.config.prune, self.precision
         hidden = self._embed_calibration()
         lods = []
-        for block in self.adapter.blocks:
+        for i, block in enumerate(self.adapter.blocks):
             if self.cancelled():
                 raise Cancelled()
+            self.where = f"block {i} of OWL's dense pass"
             block.to(p.device)
             stats = StatsCollector(frozenset({"input_norms"}))
             linears = self.adapter.linears(block)
@@ -684,7 +692,10 @@ class _Run:
         self.where = "the importance pass of structured pruning"
         t = time.perf_counter()
         ids = self.calib_ids[:cfg.taylor_samples, :cfg.taylor_seqlen]
-        scores = st.taylor_importance(self.model, self.adapter.blocks, pruned, ids, p)
+        try:
+            scores = st.taylor_importance(self.model, self.adapter.blocks, pruned, ids, p)
+        except FloatingPointError:
+            raise non_finite(p, "the dense model's loss in the importance pass of structured pruning") from None
         yield self.emit(Notice("info", f"structured pruning: Taylor importance of heads and channels in blocks "
                                        f"{pruned[0]}-{pruned[-1]} from {ids.shape[0]} x {ids.shape[1]} calibration "
                                        f"tokens in {time.perf_counter() - t:.1f} s"))
@@ -755,7 +766,7 @@ class _Run:
                 "activations": self.plan.activations,
                 "phases": {ph.phase: {"device_gib": round(ph.device / GiB, 3), "host_gib": round(ph.host / GiB, 3)}
                            for ph in self.plan.phases}},
-            "config": self.config.to_dict(), "pid": os.getpid(),
+            "config": self.config.to_dict(), "pid": os.getpid(), "error": self.error,
         }
 
 
