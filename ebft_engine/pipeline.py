@@ -32,7 +32,7 @@ from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
 from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source,
-                     restore_blocks, save_structure)
+                     restore_blocks, save_structure, saved_counts)
 from .planner import GiB, MemoryPlan, capacities, plan_memory, remedy, suggestion
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
@@ -260,12 +260,14 @@ class _Run:
         self.model, self.tokenizer, self.dense = load_model_cached(source, self.precision.storage,
                                                                    count_params(model_config))
         self.adapter = LlamaAdapter(self.model)
-        # the dense sizes every sparsity is measured against (a structurally pruned block has smaller matrices)
-        self.dense_numel = st.dense_numel(model_config)
+        # the dense sizes every sparsity is measured against, per block (a structurally pruned block has smaller
+        # matrices; a model saved structurally pruned is loaded with them, and they are its dense sizes)
+        self.dense_numel = [st.dense_numel(model_config, c) for c in st.loaded_counts(self.model)]
         self.params.setdefault("dense", sum(t.numel() for t in self.model.parameters()))
         p = self.precision
         yield self.emit(Notice("info", f"loaded {source.label}: {self.adapter.num_blocks} blocks, "
-                                       f"{count_params(model_config) / 1e6:.0f}M parameters; device {p.device}, "
+                                       f"{sum(t.numel() for t in self.model.parameters()) / 1e6:.0f}M parameters; "
+                                       f"device {p.device}, "
                                        f"weights {_name(p.storage)}, compute {_name(p.compute)}"))
         yield self.emit(self._phase_done("load", "", t))
 
@@ -330,9 +332,10 @@ class _Run:
                 raise ConfigError("prune.keep_first", f"keeping the first {cfg.prune.keep_first} and last "
                                   f"{cfg.prune.keep_last} blocks whole leaves none of the model's {n} to prune",
                                   "lower --keep-first / --keep-last")
-            ratio = st.block_ratio(cfg.prune.sparsity, n, len(pruned))
+            sizes = [sum(st.dense_numel(model_config, c).values()) for c in saved_counts(self.source) or [None] * n]
+            ratio = st.block_ratio(cfg.prune.sparsity, sizes, pruned)
             if ratio > 0.9:
-                most = 0.9 * len(pruned) / n
+                most = 0.9 * cfg.prune.sparsity / ratio
                 raise ConfigError("prune.sparsity", f"removing {cfg.prune.sparsity:g} of all blocks' weights from "
                                   f"only {len(pruned)} of {n} blocks takes {ratio:.0%} of each",
                                   f"use a sparsity up to {most:.2f}, or keep fewer blocks whole (--keep-first, "
@@ -342,8 +345,11 @@ class _Run:
                                   f"{cfg.prune.taylor_seqlen} tokens from {cfg.calib.nsamples} calibration samples "
                                   f"of {cfg.calib.seqlen}", "use at most as many samples and tokens as calibration has")
         nm = cfg.prune.nm
-        if nm is not None:
-            for width in (model_config.hidden_size, model_config.intermediate_size):
+        if nm is not None:  # every projection's input width, as loaded (a saved structured model's are smaller)
+            hd = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+            loaded = [c for c in saved_counts(self.source) or [] if c]
+            for width in sorted({model_config.hidden_size, model_config.intermediate_size,
+                                 *(c["channels"] for c in loaded), *(c["heads"] * hd for c in loaded)}):
                 if width % nm[1]:
                     raise ConfigError("prune.pattern", f"the model's width {width} is not a multiple of M={nm[1]}",
                                       "choose an N:M pattern whose M divides it, or 'unstructured'")
@@ -450,7 +456,7 @@ class _Run:
         self.kept = {}  # block index -> the groups a structurally pruned block kept (for the checkpoint, digest)
         if structured:
             pruned = st.pruned_blocks(n_blocks, cfg.prune.keep_first, cfg.prune.keep_last)
-            ratio = st.block_ratio(cfg.prune.sparsity, n_blocks, len(pruned))
+            ratio = st.block_ratio(cfg.prune.sparsity, [sum(d.values()) for d in self.dense_numel], pruned)
             sparsities = [ratio if i in pruned else 0.0 for i in range(n_blocks)]
             first_pruned = pruned[0]
             if start < n_blocks:  # from the dense model, before any block of this variant is pruned or restored
@@ -475,7 +481,7 @@ class _Run:
             hidden = yield from self._restore(label, start, call, hidden)
             for i, block in enumerate(list(adapter.blocks)[:start]):
                 mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
-                block_zeros, block_total = _count_zeros(adapter.linears(block), self.dense_numel)
+                block_zeros, block_total = _count_zeros(adapter.linears(block), self.dense_numel[i])
                 zeros, total = zeros + block_zeros, total + block_total
         for i, block in enumerate(adapter.blocks):
             if i < start:
@@ -526,8 +532,8 @@ class _Run:
                     outputs, final = self._forward(block, call, hidden, targets=targets, keep=True)
                 hidden = outputs
             kept = {name: int(torch.count_nonzero(l.weight)) for name, l in adapter.linears(block).items()}
-            layers = {name: 1 - n / self.dense_numel[name] for name, n in kept.items()}
-            block_total = sum(self.dense_numel[name] for name in kept)
+            layers = {name: 1 - n / self.dense_numel[i][name] for name, n in kept.items()}
+            block_total = sum(self.dense_numel[i][name] for name in kept)
             block_zeros = block_total - sum(kept.values())
             mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
             block.to("cpu")
@@ -648,8 +654,8 @@ class _Run:
             if "lora" not in self.ppl:
                 yield from self._evaluate("lora")
             merge_and_remask(peft_model, remask=not self.config.prune.structured)
-        zeros, total = _count_zeros({f"{i}.{n}": l for i, b in enumerate(self.adapter.blocks)
-                                     for n, l in self.adapter.linears(b).items()}, self.dense_numel)
+        counted = [_count_zeros(self.adapter.linears(b), self.dense_numel[i]) for i, b in enumerate(self.adapter.blocks)]
+        zeros, total = sum(z for z, _ in counted), sum(n for _, n in counted)
         self.sparsity["lora-merged"] = zeros / total
         self.params["lora-merged"] = sum(t.numel() for t in self.model.parameters())
         if "lora-merged" not in self.ppl:
@@ -729,8 +735,11 @@ class _Run:
         try:
             self.model.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
-            if self.config.prune.structured:  # its config states the dense sizes: record each block's own
-                save_structure(path, [st.counts(b) for b in self.adapter.blocks])
+            counts = [st.counts(b) for b in self.adapter.blocks]
+            # its config states the dense sizes: record each block's own when any is smaller (pruned here, or
+            # loaded so)
+            if self.config.prune.structured or any(c != st.config_counts(self.model.config) for c in counts):
+                save_structure(path, counts)
         except OSError as e:
             raise EbftError(f"save_model: cannot write {path!r} ({e.strerror}); choose a writable folder") from None
 
