@@ -30,6 +30,7 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
                      RunFinished, RunStarted, ZeroShotFinished)
 from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
+from .identity import check_same_model, model_identity, read_identity, write_identity
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
 from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source,
                      restore_blocks, save_structure, saved_counts)
@@ -121,7 +122,16 @@ def resumable(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any] | None]:
     except (OSError, ValueError) as e:
         raise ConfigError("resume", f"cannot read {config_file} ({e})", "the folder cannot be resumed; start a "
                           "new run with the same settings") from None
-    return RunConfig.from_dict(data), summary
+    config = RunConfig.from_dict(data)
+    if read_identity(run_dir) is not None:  # the model the run started on, against the one there now
+        try:
+            source = resolve_source(config.model)
+            current = model_identity(source, load_config(source))
+        except (EbftError, OSError):  # it cannot be read now: loading it will say why
+            current = None
+        if current is not None:
+            check_same_model(run_dir, current)
+    return config, summary
 
 
 def _drive(state: "_Run", resumed: bool, note: Notice | None = None) -> Iterator[Event]:
@@ -260,6 +270,12 @@ class _Run:
         self.model, self.tokenizer, self.dense = load_model_cached(source, self.precision.storage,
                                                                    count_params(model_config))
         self.adapter = LlamaAdapter(self.model)
+        # the model this run is on, recorded when it starts; a resumed run must be on the same one
+        identity = model_identity(source, model_config)
+        if read_identity(self.record.dir) is None:
+            write_identity(self.record.dir, identity)
+        else:
+            check_same_model(self.record.dir, identity)
         # the dense sizes every sparsity is measured against, per block (a structurally pruned block has smaller
         # matrices; a model saved structurally pruned is loaded with them, and they are its dense sizes)
         self.dense_numel = [st.dense_numel(model_config, c) for c in st.loaded_counts(self.model)]
