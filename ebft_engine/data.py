@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .device import Precision
+from .device import Precision, non_finite
 from .errors import DataError
 
 log = logging.getLogger(__name__)
@@ -234,18 +234,32 @@ def _generate(model, tokenizer, nsamples: int, seqlen: int, seed: int, precision
         chunks = []
         for start in range(0, nsamples, batch):
             ids = first[start: start + batch].to(device)
-            chunks.append(_sample(model, ids, rest=seqlen, pad=pad)[:, :seqlen].cpu())
+            chunks.append(_sample(model, ids, rest=seqlen, pad=pad, precision=precision)[:, :seqlen].cpu())
         return torch.cat(chunks)
     finally:
         model.to(model_device)
 
 
-def _sample(model, ids: torch.Tensor, rest: int, pad: int) -> torch.Tensor:
+def _sample(model, ids: torch.Tensor, rest: int, pad: int, precision: Precision | None = None) -> torch.Tensor:
     """Five greedy tokens after the random first one, then sampling until ``rest`` tokens in all."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class FiniteScores(LogitsProcessor):
+        """NaN or +inf next-token scores (float16's range overflowed): refuse, rather than write text from them
+        (greedy decoding would pick a token from NaNs without a word)."""
+
+        def __call__(self, input_ids, scores):
+            if precision is not None and (torch.isnan(scores).any() or torch.isposinf(scores).any()):
+                raise non_finite(precision, "the next-token scores of the text the dense model writes for "
+                                            "calibration")
+            return scores
+
+    check = LogitsProcessorList([FiniteScores()])
     ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
-                         min_new_tokens=5, pad_token_id=pad)
+                         min_new_tokens=5, pad_token_id=pad, logits_processor=check)
     rest = rest - ids.shape[1]
     if rest > 0:
         ids = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=rest, min_new_tokens=rest,
-                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad)
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad,
+                             logits_processor=check)
     return ids

@@ -129,3 +129,18 @@ def test_json_files_are_strict_and_store_non_finite_values_as_null(tmp_path):
         json.loads(line, parse_constant=lambda token: pytest.fail(f"events.jsonl holds {token}"))
     step, block = read_events(record.dir)
     assert step.loss is None and block.initial_loss is None and block.final_loss == 0.5
+
+
+def test_self_generated_calibration_refuses_non_finite_scores(overflowing_model_dir):
+    """Generating calibration text in float16 (a GPU without bfloat16; CPU float16 here) from the model above:
+    the same one-line dtype error, not an internal error from sampling NaN probabilities."""
+    from transformers import AutoModelForCausalLM
+
+    from ebft_engine import data
+
+    model = AutoModelForCausalLM.from_pretrained(overflowing_model_dir, dtype=torch.float16).eval()
+    half = Precision(torch.device("cpu"), torch.float16, torch.float16)
+    with pytest.raises(ConfigError) as info:
+        data.self_generated(model, byte_tokenizer(), 4, 16, seed=0, precision=half)
+    assert info.value.field == "dtype" and "float16's range" in info.value.problem
+    assert not data.self_cache_path(model, 4, 16, 0).exists()  # nothing cached from it
