@@ -30,8 +30,8 @@ from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, P
                      RunFinished, RunStarted, ZeroShotFinished)
 from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
-from .identity import check_same_model, model_identity, read_identity, write_identity
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
+from .identity import check_same_model, model_identity, read_identity, write_identity
 from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, resolve_source,
                      restore_blocks, save_structure, saved_counts)
 from .planner import GiB, MemoryPlan, capacities, plan_memory, remedy, suggestion
@@ -670,7 +670,8 @@ class _Run:
             if "lora" not in self.ppl:
                 yield from self._evaluate("lora")
             merge_and_remask(peft_model, remask=not self.config.prune.structured)
-        counted = [_count_zeros(self.adapter.linears(b), self.dense_numel[i]) for i, b in enumerate(self.adapter.blocks)]
+        counted = [_count_zeros(self.adapter.linears(b), self.dense_numel[i])
+                   for i, b in enumerate(self.adapter.blocks)]
         zeros, total = sum(z for z, _ in counted), sum(n for _, n in counted)
         self.sparsity["lora-merged"] = zeros / total
         self.params["lora-merged"] = sum(t.numel() for t in self.model.parameters())

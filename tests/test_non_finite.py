@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ebft_engine import ConfigError, EbftError, RunConfig, run
+from ebft_engine import ConfigError, EbftError, run
 from ebft_engine import pipeline as pipeline_module
 from ebft_engine.cli import main
 from ebft_engine.config import DTYPES
