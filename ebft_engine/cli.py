@@ -1,7 +1,9 @@
 """``python -m ebft_engine run ...``: the command line. The only argparse in the engine.
 
 Flags override a YAML preset given with ``--config``; the run prints its events as it goes and ends with the
-perplexity table. Exit status: 0 finished, 1 failed, 2 bad input, 130 cancelled (Ctrl-C).
+perplexity table. Exit status: 0 finished, 1 failed, 2 bad input (also a run that stopped on a configuration
+the model cannot run in: a ConfigError mid-run, e.g. --dtype float16 whose activations overflow), 130 cancelled
+(Ctrl-C).
 """
 from __future__ import annotations
 
@@ -161,6 +163,8 @@ def run_and_print(config: RunConfig | None, quiet: bool = False, out: TextIO = s
         printer.close()
     if finished is None:
         return 1
+    if finished.status == "failed" and (finished.summary.get("error") or {}).get("field"):
+        return 2  # it failed on a field's value (a ConfigError): bad input, like a refusal before the run
     return {"finished": 0, "cancelled": 130}.get(finished.status, 1)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, EbftError
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,31 @@ def pick_precision(device: torch.device, dtype: str, n_params: int) -> Precision
         storage = getattr(torch, dtype)
     compute = None if (storage == torch.float32 and dtype == "float32") else half
     return Precision(device=device, storage=storage, compute=compute)
+
+
+FLOAT16_MAX = 65504.0  # the largest finite float16: activations beyond it become inf, then NaN
+
+
+def non_finite(precision: Precision, what: str) -> EbftError:
+    """The error for a perplexity or hidden state that is not finite, naming the likely cause.
+
+    With float16 weights or compute the cause is float16's range (activations past 65504 become inf): the run
+    is a configuration the model cannot run in, a ConfigError on ``dtype`` offering only dtypes this device
+    has. Without float16 no overflow is to be expected, and the number is refused all the same.
+    """
+    p = precision
+    dtypes = f"weights {str(p.storage).replace('torch.', '')}" + (
+        "" if p.compute is None else f", compute {str(p.compute).replace('torch.', '')}")
+    if torch.float16 in (p.storage, p.compute):
+        fix = ("use --dtype bfloat16 (float32's range) or --dtype float32" if bf16_native(p.device)
+               else "use --dtype float32 (this GPU has no native bfloat16)")
+        return ConfigError("dtype", f"{what} is not finite: the model's activations leave float16's range "
+                           f"(largest value {FLOAT16_MAX:g}) with {dtypes}", fix)
+    return EbftError(f"{what} is not finite with {dtypes} (no float16 overflow): the model's weights or the "
+                     "pruned weights hold inf or NaN; check the model's files")
+
+
+def check_finite(t: torch.Tensor, precision: Precision, what: str) -> None:
+    """Raise :func:`non_finite` when ``t`` holds inf or NaN."""
+    if not bool(torch.isfinite(t).all()):
+        raise non_finite(precision, what)

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .device import Precision
+from .device import Precision, check_finite, non_finite
 from .errors import Cancelled
 from .models import LlamaAdapter
 
@@ -49,25 +49,34 @@ def eval_windows(ids: torch.Tensor, seqlen: int, windows: int | None) -> tuple[t
 @torch.no_grad()
 def perplexity(adapter: LlamaAdapter, ids: torch.Tensor, seqlen: int, precision: Precision,
                windows: int | None = None, batch_size: int = EVAL_BATCH,
-               cancelled: Callable[[], bool] = lambda: False) -> PerplexityResult:
-    """Perplexity of the model behind ``adapter`` on the first ``windows`` windows of ``ids`` (all if None)."""
+               cancelled: Callable[[], bool] = lambda: False, label: str = "the model") -> PerplexityResult:
+    """Perplexity of the model behind ``adapter`` on the first ``windows`` windows of ``ids`` (all if None).
+
+    Raises:
+        EbftError: (a ConfigError on ``dtype`` in float16) when a block's output or the perplexity is not
+            finite: a NaN is never returned as a measurement.
+    """
     chunks, total = eval_windows(ids, seqlen, windows)
     dev = precision.device
     hidden = adapter.embed(chunks).to(precision.storage)  # (n, seqlen, hidden) on the host
     kwargs = adapter.block_kwargs(seqlen, dev, precision.storage)
-    for block in adapter.blocks:
+    for i, block in enumerate(adapter.blocks):
         if cancelled():
             raise Cancelled()
         block.to(dev)
-        for start in range(0, hidden.shape[0], batch_size):
-            x = hidden[start:start + batch_size].to(dev)
-            with precision.autocast():
-                out = adapter.call_block(block, x, kwargs)
-            hidden[start:start + batch_size] = out.to(hidden.dtype).to(hidden.device)
-        block.to("cpu")
-    nll = _window_nll(adapter, hidden, chunks, precision)
-    return PerplexityResult(ppl=math.exp(nll.mean().item()), windows=chunks.shape[0], total_windows=total,
-                            seqlen=seqlen)
+        try:
+            for start in range(0, hidden.shape[0], batch_size):
+                x = hidden[start:start + batch_size].to(dev)
+                with precision.autocast():
+                    out = adapter.call_block(block, x, kwargs).to(hidden.dtype)
+                check_finite(out, precision, f"the output of block {i} in the evaluation of {label}")
+                hidden[start:start + batch_size] = out.to(hidden.device)
+        finally:
+            block.to("cpu")
+    nll = _window_nll(adapter, hidden, chunks, precision).mean().item()
+    if not math.isfinite(nll) or nll > 700:  # exp(709.8) is the largest finite float64
+        raise non_finite(precision, f"the perplexity of {label} (mean log-loss {nll:.4g})")
+    return PerplexityResult(ppl=math.exp(nll), windows=chunks.shape[0], total_windows=total, seqlen=seqlen)
 
 
 def _window_nll(adapter: LlamaAdapter, hidden: torch.Tensor, ids: torch.Tensor, precision: Precision) -> torch.Tensor:

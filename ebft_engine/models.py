@@ -175,13 +175,36 @@ def load_model(source: ModelSource, dtype: torch.dtype):
 STRUCTURE_FILE = "ebft_structure.json"  # beside a saved structurally pruned model: each block's kept counts
 
 
+STRUCTURE_README = """# A structurally pruned model saved by EBFT Lab
+
+Some of its blocks are smaller than `config.json` says: whole attention heads and MLP channels were removed
+(LLM-Pruner-style structured pruning), and `{structure}` records how many each block kept.
+
+`transformers`' `from_pretrained` cannot load this folder: it builds every block at the config's (dense) sizes
+and refuses the smaller saved matrices ("size mismatch"). Load it with EBFT Lab, which builds each block at its
+saved size:
+
+```python
+from ebft_engine.models import load_model, resolve_source
+import torch
+
+model, tokenizer = load_model(resolve_source("path/to/{folder}"), torch.float32)
+```
+
+or run on it with `python -m ebft_engine run --model path/to/{folder} ...`: its saved sizes are then the dense model's.
+"""
+
+
 def save_structure(folder: str | Path, counts: list[dict[str, int] | None]) -> None:
     """Record the per-block shapes of a structurally pruned model saved with save_pretrained, whose config
-    still states the dense sizes; :func:`load_model` reads it back."""
+    still states the dense sizes; :func:`load_model` reads it back. A README.md in the folder says how to load
+    it (plain from_pretrained cannot)."""
     import json
 
-    (Path(folder) / STRUCTURE_FILE).write_text(json.dumps({"format": 1, "blocks": counts}, indent=1),
-                                               encoding="utf-8")
+    folder = Path(folder)
+    (folder / STRUCTURE_FILE).write_text(json.dumps({"format": 1, "blocks": counts}, indent=1), encoding="utf-8")
+    (folder / "README.md").write_text(STRUCTURE_README.format(structure=STRUCTURE_FILE, folder=folder.name),
+                                      encoding="utf-8")
 
 
 def read_structure(source: ModelSource) -> list[dict[str, int] | None] | None:
@@ -207,7 +230,7 @@ def _load_structured(folder: Path, dtype: torch.dtype):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .sparsity.structured import first_n, shrink
+    from .sparsity.structured import LOADED_COUNTS, first_n, shrink
 
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     config._attn_implementation = "sdpa"
@@ -218,6 +241,7 @@ def _load_structured(folder: Path, dtype: torch.dtype):
     for block, counts in zip(model.model.layers, blocks):
         if counts:
             shrink(block, first_n(block, counts))
+    setattr(model, LOADED_COUNTS, blocks)  # its dense shapes: restoring and sparsities are against these
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(str(f)))
@@ -271,10 +295,11 @@ def _mtime(source: ModelSource) -> float:
 def restore_blocks(model: nn.Module, dense) -> None:
     """Copy the dense block weights back into the model (in place: no new tensors), from a list of saved
     tensors or a :class:`FileBackedBlocks`."""
-    from .sparsity.structured import regrow
+    from .sparsity.structured import loaded_counts, regrow
 
-    for block in model.model.layers:  # a structurally pruned block gets its dense shapes back first
-        regrow(block, model.config)
+    # a structurally pruned block gets its dense shapes back first: the ones it was loaded with
+    for block, counts in zip(model.model.layers, loaded_counts(model)):
+        regrow(block, model.config, counts)
     if isinstance(dense, FileBackedBlocks):
         dense.restore(model)
         return

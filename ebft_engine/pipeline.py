@@ -25,13 +25,14 @@ from torch import nn
 
 from .config import RunConfig
 from .data import calibration_tokens, evaluation_tokens, self_cache_path
-from .device import Precision, pick_device, pick_precision
+from .device import Precision, check_finite, non_finite, pick_device, pick_precision
 from .errors import Cancelled, ConfigError, EbftError, ModelLoadError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                      RunFinished, RunStarted, ZeroShotFinished)
 from .evaluate import INFER_BATCH, perplexity
 from .finetune import finetune_block
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
+from .identity import check_same_model, model_identity, read_identity, write_identity
 from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, read_structure,
                      resolve_source, restore_blocks, save_structure)
 from .planner import GiB, MemoryPlan, capacities, plan_memory, remedy, suggestion
@@ -106,9 +107,10 @@ def check_against_model(cfg: RunConfig, model_config, structure: list | None = N
             raise ConfigError("prune.keep_first", f"keeping the first {cfg.prune.keep_first} and last "
                               f"{cfg.prune.keep_last} blocks whole leaves none of the model's {n} to prune",
                               "lower --keep-first / --keep-last")
-        ratio = st.block_ratio(cfg.prune.sparsity, n, len(pruned))
+        sizes = [sum(st.dense_numel(model_config, c).values()) for c in structure or [None] * n]
+        ratio = st.block_ratio(cfg.prune.sparsity, sizes, pruned)
         if ratio > 0.9:
-            most = 0.9 * len(pruned) / n
+            most = 0.9 * cfg.prune.sparsity / ratio
             raise ConfigError("prune.sparsity", f"removing {cfg.prune.sparsity:g} of all blocks' weights from "
                               f"only {len(pruned)} of {n} blocks takes {ratio:.0%} of each",
                               f"use a sparsity up to {most:.2f}, or keep fewer blocks whole (--keep-first, "
@@ -152,10 +154,11 @@ def _check_nm_widths(pattern: str, m: int, model_config, structure: list | None)
 
     divisor = math.gcd(*(n_in for (_name, n_in) in widths))
     fits = [p for p in ("2:4", "4:8") if divisor % int(p.split(":")[1]) == 0]
+    fix = (f"use an N:M pattern whose M divides every layer's width (all are multiples of {divisor})"
+           f"{', such as ' + fits[0] if fits else ''}, or --pattern unstructured") if divisor > 1 else \
+        "no N:M pattern divides every layer's width; use --pattern unstructured"
     raise ConfigError("prune.pattern", f"{pattern} groups every {m} input columns of a layer, and "
-                      f"{'; '.join(where(*key, names) for key, names in bad.items())}, not a multiple of {m}",
-                      f"use an N:M pattern whose M divides every layer's width (all are multiples of {divisor})"
-                      f"{', such as ' + fits[0] if fits else ''}, or --pattern unstructured")
+                      f"{'; '.join(where(*key, names) for key, names in bad.items())}, not a multiple of {m}", fix)
 
 
 # What a resumed run may change: how the remaining blocks fit in memory, not what they compute from.
@@ -215,7 +218,16 @@ def resumable(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any] | None]:
     except (OSError, ValueError) as e:
         raise ConfigError("resume", f"cannot read {config_file} ({e})", "the folder cannot be resumed; start a "
                           "new run with the same settings") from None
-    return RunConfig.from_dict(data), summary
+    config = RunConfig.from_dict(data)
+    if read_identity(run_dir) is not None:  # the model the run started on, against the one there now
+        try:
+            source = resolve_source(config.model)
+            current = model_identity(source, load_config(source))
+        except (EbftError, OSError):  # it cannot be read now: loading it will say why
+            current = None
+        if current is not None:
+            check_same_model(run_dir, current)
+    return config, summary
 
 
 def _drive(state: "_Run", resumed: bool, note: Notice | None = None) -> Iterator[Event]:
@@ -236,6 +248,7 @@ def _drive(state: "_Run", resumed: bool, note: Notice | None = None) -> Iterator
         state.finish("cancelled")
         raise
     except EbftError as e:
+        state.error = {"field": getattr(e, "field", None), "message": str(e)}
         yield state.emit(Notice("error", str(e)))
     except torch.OutOfMemoryError:
         state.release()
@@ -280,6 +293,7 @@ class _Run:
         self.plan: MemoryPlan | None = None
         self.where = "starting"  # what the run is doing, for a message if memory runs out
         self.finished_summary: dict[str, Any] | None = None
+        self.error: dict[str, Any] | None = None  # why the run failed: {"field": a ConfigError's or None, "message"}
         self.kept: dict[int, dict[str, list[int]]] = {}
         record.write_config(config.to_dict())
         record.write_summary(self._summary("running"))  # a crash leaves this: the folder says it never finished
@@ -356,12 +370,20 @@ class _Run:
         self.model, self.tokenizer, self.dense = load_model_cached(source, self.precision.storage,
                                                                    count_params(model_config))
         self.adapter = LlamaAdapter(self.model)
-        # the dense sizes every sparsity is measured against (a structurally pruned block has smaller matrices)
-        self.dense_numel = st.dense_numel(model_config)
+        # the model this run is on, recorded when it starts; a resumed run must be on the same one
+        identity = model_identity(source, model_config)
+        if read_identity(self.record.dir) is None:
+            write_identity(self.record.dir, identity)
+        else:
+            check_same_model(self.record.dir, identity)
+        # the dense sizes every sparsity is measured against, per block (a structurally pruned block has smaller
+        # matrices; a model saved structurally pruned is loaded with them, and they are its dense sizes)
+        self.dense_numel = [st.dense_numel(model_config, c) for c in st.loaded_counts(self.model)]
         self.params.setdefault("dense", sum(t.numel() for t in self.model.parameters()))
         p = self.precision
         yield self.emit(Notice("info", f"loaded {source.label}: {self.adapter.num_blocks} blocks, "
-                                       f"{count_params(model_config) / 1e6:.0f}M parameters; device {p.device}, "
+                                       f"{sum(t.numel() for t in self.model.parameters()) / 1e6:.0f}M parameters; "
+                                       f"device {p.device}, "
                                        f"weights {_name(p.storage)}, compute {_name(p.compute)}"))
         yield self.emit(self._phase_done("load", "", t))
 
@@ -455,7 +477,7 @@ class _Run:
         yield self.emit(PhaseStarted("eval", label))
         t = time.perf_counter()
         res = perplexity(self.adapter, self.eval_ids, self.eval_seqlen, self.precision,
-                         windows=self.config.eval.windows, cancelled=self.cancelled)
+                         windows=self.config.eval.windows, cancelled=self.cancelled, label=label)
         self.ppl[label] = res.ppl
         self.record.write_summary(self._summary("running"))  # a finished number survives a crash
         done = self._phase_done("eval", label, t)
@@ -516,7 +538,7 @@ class _Run:
         self.kept = {}  # block index -> the groups a structurally pruned block kept (for the checkpoint, digest)
         if structured:
             pruned = st.pruned_blocks(n_blocks, cfg.prune.keep_first, cfg.prune.keep_last)
-            ratio = st.block_ratio(cfg.prune.sparsity, n_blocks, len(pruned))
+            ratio = st.block_ratio(cfg.prune.sparsity, [sum(d.values()) for d in self.dense_numel], pruned)
             sparsities = [ratio if i in pruned else 0.0 for i in range(n_blocks)]
             first_pruned = pruned[0]
             if start < n_blocks:  # from the dense model, before any block of this variant is pruned or restored
@@ -526,7 +548,8 @@ class _Run:
         dense_hidden = None
         if gp:  # the dense model's own stream: block i's target is the dense block on dense inputs
             dense_hidden = hidden.clone()
-            for block in list(adapter.blocks)[:start]:  # still dense here: restoring comes next
+            for i, block in enumerate(list(adapter.blocks)[:start]):  # still dense here: restoring comes next
+                self.where = f"block {i} of the dense stream"
                 block.to(p.device)
                 dense_hidden, _ = self._forward(block, call, dense_hidden, keep=True)
                 block.to("cpu")
@@ -542,7 +565,7 @@ class _Run:
             hidden = yield from self._restore(label, start, call, hidden)
             for i, block in enumerate(list(adapter.blocks)[:start]):
                 mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
-                block_zeros, block_total = _count_zeros(adapter.linears(block), self.dense_numel)
+                block_zeros, block_total = _count_zeros(adapter.linears(block), self.dense_numel[i])
                 zeros, total = zeros + block_zeros, total + block_total
         for i, block in enumerate(adapter.blocks):
             if i < start:
@@ -594,8 +617,8 @@ class _Run:
                     outputs, final = self._forward(block, call, hidden, targets=targets, keep=True)
                 hidden = outputs
             kept = {name: int(torch.count_nonzero(l.weight)) for name, l in adapter.linears(block).items()}
-            layers = {name: 1 - n / self.dense_numel[name] for name, n in kept.items()}
-            block_total = sum(self.dense_numel[name] for name in kept)
+            layers = {name: 1 - n / self.dense_numel[i][name] for name, n in kept.items()}
+            block_total = sum(self.dense_numel[i][name] for name in kept)
             block_zeros = block_total - sum(kept.values())
             mask_digest_update(digest, adapter.linears(block), self.kept.get(i))
             dead = {name: int((kept_pos & (adapter.linears(block)[name].weight == 0)).sum())
@@ -640,6 +663,7 @@ class _Run:
             if kept is not None:
                 self.kept[i] = kept
             if redo:
+                self.where = f"block {i} of {label} (restored)"
                 block.to(p.device)
                 hidden, _ = self._forward(block, call, hidden, keep=True)
                 block.to("cpu")
@@ -680,6 +704,9 @@ class _Run:
                 stats.enabled = start < primary
             with p.autocast():
                 y = call(block, x)
+            # the output as it is stored and propagated: float16 storage turns activations past 65504 into inf
+            y = y.to(hidden.dtype)
+            check_finite(y, p, f"the calibration output of {self.where}")
             if stats is not None and start < primary:
                 stats.count(x.shape[0])
             if targets is not None:
@@ -723,8 +750,9 @@ class _Run:
             if "lora" not in self.ppl:
                 yield from self._evaluate("lora")
             merge_and_remask(peft_model, remask=not self.config.prune.structured)
-        zeros, total = _count_zeros({f"{i}.{n}": l for i, b in enumerate(self.adapter.blocks)
-                                     for n, l in self.adapter.linears(b).items()}, self.dense_numel)
+        counted = [_count_zeros(self.adapter.linears(b), self.dense_numel[i])
+                   for i, b in enumerate(self.adapter.blocks)]
+        zeros, total = sum(z for z, _ in counted), sum(n for _, n in counted)
         self.sparsity["lora-merged"] = zeros / total
         self.params["lora-merged"] = sum(t.numel() for t in self.model.parameters())
         if "lora-merged" not in self.ppl:
@@ -745,9 +773,10 @@ class _Run:
         cfg, p = self.config.prune, self.precision
         hidden = self._embed_calibration()
         lods = []
-        for block in self.adapter.blocks:
+        for i, block in enumerate(self.adapter.blocks):
             if self.cancelled():
                 raise Cancelled()
+            self.where = f"block {i} of OWL's dense pass"
             block.to(p.device)
             stats = StatsCollector(frozenset({"input_norms"}))
             linears = self.adapter.linears(block)
@@ -774,7 +803,10 @@ class _Run:
         self.where = "the importance pass of structured pruning"
         t = time.perf_counter()
         ids = self.calib_ids[:cfg.taylor_samples, :cfg.taylor_seqlen]
-        scores = st.taylor_importance(self.model, self.adapter.blocks, pruned, ids, p)
+        try:
+            scores = st.taylor_importance(self.model, self.adapter.blocks, pruned, ids, p)
+        except FloatingPointError:
+            raise non_finite(p, "the dense model's loss in the importance pass of structured pruning") from None
         yield self.emit(Notice("info", f"structured pruning: Taylor importance of heads and channels in blocks "
                                        f"{pruned[0]}-{pruned[-1]} from {ids.shape[0]} x {ids.shape[1]} calibration "
                                        f"tokens in {time.perf_counter() - t:.1f} s"))
@@ -810,8 +842,11 @@ class _Run:
         try:
             self.model.save_pretrained(path)
             self.tokenizer.save_pretrained(path)
-            if self.config.prune.structured:  # its config states the dense sizes: record each block's own
-                save_structure(path, [st.counts(b) for b in self.adapter.blocks])
+            counts = [st.counts(b) for b in self.adapter.blocks]
+            # its config states the dense sizes: record each block's own when any is smaller (pruned here, or
+            # loaded so)
+            if self.config.prune.structured or any(c != st.config_counts(self.model.config) for c in counts):
+                save_structure(path, counts)
         except OSError as e:
             raise EbftError(f"save_model: cannot write {path!r} ({e.strerror}); choose a writable folder") from None
 
@@ -850,7 +885,7 @@ class _Run:
                 "activations": self.plan.activations,
                 "phases": {ph.phase: {"device_gib": round(ph.device / GiB, 3), "host_gib": round(ph.host / GiB, 3)}
                            for ph in self.plan.phases}},
-            "config": self.config.to_dict(), "pid": os.getpid(),
+            "config": self.config.to_dict(), "pid": os.getpid(), "error": self.error,
         }
 
 

@@ -1,13 +1,16 @@
 """The run folder: ``runs/<id>/`` with config.json, events.jsonl, blocks.csv and summary.json.
 
 JSON files are written to a temporary file and renamed, so a reader never sees half a file; events are
-appended one line at a time and :func:`read_events` skips a torn last line.
+appended one line at a time and :func:`read_events` skips a torn last line. Every file is strict JSON: a value
+that is not finite (a NaN loss, an infinite reconstruction error) is written as null, never as NaN.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
+import numbers
 import os
 import secrets
 import time
@@ -24,9 +27,27 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
+def finite(data: Any) -> Any:
+    """``data`` with every float that is not finite replaced by None, in nested dicts, lists and tuples."""
+    if isinstance(data, bool) or isinstance(data, numbers.Integral):
+        return data
+    if isinstance(data, numbers.Real):
+        return float(data) if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
+def to_json(data: Any, **kwargs) -> str:
+    """Strict JSON (no NaN or Infinity tokens, which JSON does not have): non-finite floats become null."""
+    return json.dumps(finite(data), allow_nan=False, default=str, **kwargs)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    tmp.write_text(to_json(data, indent=2), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -56,7 +77,7 @@ class RunRecord:
         write_json_atomic(self.dir / "config.json", config)
 
     def append(self, event: Event) -> None:
-        self._events.write(json.dumps(event_to_dict(event), default=str) + "\n")
+        self._events.write(to_json(event_to_dict(event)) + "\n")
         self._events.flush()
         if isinstance(event, BlockFinished):
             key = (event.label, str(event.block))  # a resumed run redoes the block it was killed in

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 from ebft_engine import ConfigError, RunConfig
+from ebft_engine.config import CALIB_SOURCES, EVAL_SOURCES
 
 PRESET_MODELS = ("smollm2-135m", "tiny-random")
 # Bounds on a Space (2 CPU cores, shared by every visitor): a run ends in minutes.
@@ -34,10 +35,10 @@ def check(config: RunConfig, spaces: bool | None = None) -> RunConfig:
                                        or Path(model).exists() or model.count("/") != 1):
         raise ConfigError("model", f"{model!r} is a local path; this Space loads models only by hub id "
                           "(org/name) or preset", f"pick {' or '.join(PRESET_MODELS)}, or a hub id")
-    for name in ("calib.source", "eval.source"):
+    for name, sources in (("calib.source", CALIB_SOURCES), ("eval.source", EVAL_SOURCES)):
         section, field = name.split(".")
-        if getattr(getattr(config, section), field).startswith("file:"):
-            raise ConfigError(name, "local files cannot be read on this Space", "use self, c4, wikitext2 or ptb")
+        if getattr(getattr(config, section), field).startswith("file:"):  # offer the field's own sources only
+            raise ConfigError(name, "local files cannot be read on this Space", f"use {', '.join(sources)}")
     if config.save_model:
         raise ConfigError("save_model", "this Space does not save models to disk", "run the lab locally to save")
     if config.eval.zeroshot and (config.eval.zeroshot_limit or 10 ** 9) > 100:

@@ -1,11 +1,13 @@
 """Data sources fail with messages that offer a way out; every LLaMA-family architecture runs block by block."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from ebft_engine import data
-from ebft_engine.errors import DataError
+from ebft_engine.errors import ConfigError, DataError
 from ebft_engine.models import LlamaAdapter
 from conftest import byte_tokenizer
 
@@ -22,15 +24,37 @@ def test_missing_and_empty_files(tmp_path):
         data.calibration_tokens(tok, f"file:{tmp_path / 'short.txt'}", 4, 16, 0)
 
 
-def test_hub_unreachable_names_source_and_offers_alternatives(monkeypatch):
+HUB_FAILURES = [("calib.source", "c4"), ("calib.source", "wikitext2"), ("eval.source", "wikitext2"),
+                ("eval.source", "c4"), ("eval.source", "ptb")]
+
+
+@pytest.mark.parametrize("field,source", HUB_FAILURES, ids=[f"{f}={s}" for f, s in HUB_FAILURES])
+def test_hub_unreachable_offers_only_values_its_field_accepts(monkeypatch, tmp_path, field, source):
+    """The way out a hub failure offers must be a value of that same field: --eval ptb offline was told to use
+    'self', which --eval refuses (it is calibration text only)."""
+    from ebft_engine import RunConfig
+    from ebft_engine.config import CALIB_SOURCES, EVAL_SOURCES
+
     def offline(*args, **kwargs):
         raise ConnectionError("Failed to resolve 'huggingface.co'")
 
     monkeypatch.setattr(data, "_load_dataset", offline)
-    with pytest.raises(DataError, match="could not load C4 train shard 0 .* file:PATH .* 'self'"):
-        data.calibration_tokens(byte_tokenizer(), "c4", 4, 16, 0)
-    with pytest.raises(DataError, match="eval.source: could not load WikiText-2 test"):
-        data.evaluation_tokens(byte_tokenizer(), "wikitext2", 16)
+    with pytest.raises(DataError) as info:
+        if field == "calib.source":
+            data.calibration_tokens(byte_tokenizer(), source, 4, 16, 0)
+        else:
+            data.evaluation_tokens(byte_tokenizer(), source, 16)
+    message = str(info.value)
+    assert message.startswith(f"{field}: could not load ") and "Failed to resolve" in message
+    hint = message.split("Offline, use ", 1)[1]
+    words = sorted(set(CALIB_SOURCES) | set(EVAL_SOURCES))
+    offered = re.findall(r"file:PATH|\b(?:" + "|".join(words) + r")\b", hint)
+    assert "file:PATH" in offered
+    for value in offered:  # each offered value passes the field's own validation
+        RunConfig().with_overrides({field: value.replace("PATH", str(tmp_path / "text.txt"))})
+    assert ("self" in offered) == (field == "calib.source")
+    with pytest.raises(ConfigError):  # and the one it used to offer is indeed refused there
+        RunConfig().with_overrides({"eval.source": "self"})
 
 
 def test_file_windows_are_seeded_and_in_range(tmp_path):

@@ -220,3 +220,74 @@ def test_resume_accepts_the_flags_that_say_where_output_goes(tiny_run_config, tm
     assert err.getvalue().strip().splitlines() == [
         "error: --resume continues a run with the settings it was started with; drop --runs-dir (or start a new run "
         "with them); only --batch-size, --activations, --json-out and --quiet may be given with it"]
+
+
+def _save_tiny(path: Path, layers: int, seed: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ebft_engine.models import byte_tokenizer
+
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                 tie_word_embeddings=False)).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+
+
+def _stopped_after_ebft_block_1(config: RunConfig) -> Path:
+    import threading
+
+    cancel = threading.Event()
+    events = []
+    for event in run(config, cancel):
+        events.append(event)
+        if event.kind == "block_finished" and event.label == "ebft" and event.block == 1:
+            cancel.set()
+    assert events[-1].status == "cancelled"
+    return Path(events[0].run_dir)
+
+
+def test_resume_refuses_a_model_rebuilt_with_more_blocks(four_block_config, tmp_path, capsys):
+    """The model folder was rebuilt with 6 blocks after the run started on its 4: resuming would put back 2
+    finished blocks of one model and go on with another's. Refused before any event, in one line, exit 2."""
+    from ebft_engine.cli import main
+    from ebft_engine.pipeline import resumable
+
+    config = four_block_config.with_overrides({"baselines": []})
+    run_dir = _stopped_after_ebft_block_1(config)
+    assert json.loads((run_dir / "model.json").read_text())["config"]["num_hidden_layers"] == 4
+    _save_tiny(Path(config.model), layers=6, seed=0)
+    with pytest.raises(ConfigError) as info:
+        resumable(run_dir)
+    assert info.value.field == "model" and "num_hidden_layers: 4 then, 6 now" in info.value.problem
+    assert "start a new run" in info.value.fix
+    capsys.readouterr()  # what the run printed so far
+    assert main(["run", "--resume", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "cancelled"  # the folder untouched
+
+
+def test_resume_refuses_the_same_shapes_with_new_weights_and_takes_a_copy_of_the_old(four_block_config, tmp_path):
+    """Same config, same shapes, other weights: refused, naming the file. A byte-identical copy of the original
+    (new modification times) is the same model: the run resumes and finishes."""
+    import shutil
+
+    from ebft_engine.pipeline import resumable
+
+    config = four_block_config.with_overrides({"baselines": []})
+    model_dir = Path(config.model)
+    run_dir = _stopped_after_ebft_block_1(config)
+    backup = tmp_path / "backup"
+    shutil.copytree(model_dir, backup)
+    _save_tiny(model_dir, layers=4, seed=1)
+    with pytest.raises(ConfigError) as info:
+        resumable(run_dir)
+    assert info.value.field == "model" and "its files differ: model.safetensors" in info.value.problem
+    with pytest.raises(ConfigError, match="^model: "):
+        next(resume(run_dir))
+    shutil.rmtree(model_dir)
+    shutil.copytree(backup, model_dir)  # the same bytes, new files
+    events = list(resume(run_dir))
+    assert events[-1].status == "finished", [e.text for e in events if e.kind == "notice"]
+    assert any("blocks 0-1 restored" in e.text for e in events if e.kind == "notice")

@@ -182,3 +182,59 @@ def test_llm_pruner_implies_the_structured_pattern_and_20_percent():
     assert cfg.lora.target_modules(structured=True) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                         "up_proj", "down_proj"]
     assert cfg.lora.target_modules() == ["q_proj", "v_proj"]
+
+
+def test_a_saved_structured_model_is_the_dense_model_of_the_runs_on_it(structured_config, tmp_path):
+    """A structurally pruned model saved with --save-model and reloaded with --model DIR: its saved sizes are its
+    dense sizes. A baseline plus EBFT (the dense blocks restored between the variants) and a second run in the
+    same process (restored from the cache) finish, with sparsities measured against those sizes; the folder
+    says how to load it, and a model saved from it loads back at its own size."""
+    import io
+
+    from ebft_engine.cli import main
+
+    first = list(run(structured_config.with_overrides({"baselines": [], "recoveries": ["ebft"]})))
+    assert first[-1].status == "finished"
+    small = tmp_path / "small"
+    readme = (small / "README.md").read_text()
+    assert "from_pretrained" in readme and "load_model" in readme and "--model" in readme
+    counts = json.loads((small / "ebft_structure.json").read_text())["blocks"]
+
+    preset = tmp_path / "reloaded.yaml"
+    preset.write_text(structured_config.with_overrides({
+        "model": str(small), "prune.method": "wanda", "prune.pattern": "unstructured", "prune.sparsity": 0.5,
+        "baselines": ["wanda"], "recoveries": ["ebft"], "save_model": None}).to_yaml())
+    summaries = []
+    for k in range(2):  # the second run in the same process gets the model from the cache
+        out, json_out = io.StringIO(), tmp_path / f"summary-{k}.json"
+        code = main(["run", "--config", str(preset), "--json-out", str(json_out), "--quiet"] +
+                    (["--save-model", str(tmp_path / "small2")] if k else []), out=out)
+        assert code == 0, out.getvalue()
+        summary = json.loads(json_out.read_text())
+        assert summary["params"]["dense"] == first[-1].summary["params"]["ebft"]  # loaded at its smaller size
+        for label in ("wanda", "ebft"):
+            assert summary["actual_sparsity"][label] == pytest.approx(0.5, abs=0.01), label  # not 0.62
+            assert summary["params"][label] == summary["params"]["dense"]
+        summaries.append(summary)
+    assert summaries[1]["ppl"] == pytest.approx(summaries[0]["ppl"], rel=1e-6)
+    assert summaries[1]["mask_sha256"] == summaries[0]["mask_sha256"]
+    # saved again from the reloaded model (unstructured here): still its smaller shapes, still loadable
+    assert json.loads((tmp_path / "small2" / "ebft_structure.json").read_text())["blocks"] == counts
+    model, _ = load_model(resolve_source(str(tmp_path / "small2")), torch.float32)
+    assert sum(p.numel() for p in model.parameters()) == summaries[1]["params"]["ebft"]
+
+    # structured pruning of it removes the asked share of what it has (its blocks are not the same size)
+    again = list(run(structured_config.with_overrides({"model": str(small), "baselines": [], "recoveries": ["ebft"],
+                                                       "ebft.epochs": 0, "save_model": None})))
+    assert again[-1].status == "finished"
+    assert again[-1].summary["actual_sparsity"]["llm-pruner"] == pytest.approx(0.25, abs=0.02)
+    # an N:M pattern is checked against the widths it was loaded with, before any weight is read
+    odd = sorted({c["channels"] for c in counts if c["channels"] % 4})
+    nm = structured_config.with_overrides({
+        "model": str(small), "prune.method": "wanda", "prune.pattern": "2:4", "prune.sparsity": 0.5, "baselines": [],
+        "save_model": None})
+    if odd:
+        with pytest.raises(ConfigError, match=f"down_proj reads {odd[0]} columns"):
+            list(run(nm))
+    else:
+        assert list(run(nm))[-1].status == "finished"

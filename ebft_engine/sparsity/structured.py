@@ -62,9 +62,12 @@ def pruned_blocks(n_blocks: int, keep_first: int, keep_last: int) -> list[int]:
     return list(range(keep_first, n_blocks - keep_last))
 
 
-def block_ratio(sparsity: float, n_blocks: int, n_pruned: int) -> float:
-    """The share of each pruned block's projection weights to remove so that all blocks lose ``sparsity``."""
-    return sparsity * n_blocks / n_pruned if n_pruned else 0.0
+def block_ratio(sparsity: float, sizes: list[int], pruned: list[int]) -> float:
+    """The share of each pruned block's projection weights to remove so that all blocks lose ``sparsity``:
+    ``sparsity × L / pruned`` when the blocks are the same size, weighed by ``sizes`` (each block's dense
+    projection weights) when they are not (a model loaded structurally pruned)."""
+    kept = sum(sizes[i] for i in pruned)
+    return sparsity * sum(sizes) / kept if kept else 0.0
 
 
 def _heads(attn: nn.Module) -> tuple[int, int, int]:
@@ -201,18 +204,39 @@ def shrink(block: nn.Module, structure: BlockStructure) -> None:
         mlp.intermediate_size = len(structure.channels)
 
 
-def dense_shapes(config) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each projection of a block before any pruning, from the model's config."""
+def dense_shapes(config, counts: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each projection of a block before any pruning: from the model's config,
+    or with ``counts`` (heads, kv_heads, channels) for a block that was loaded already smaller (see
+    :func:`loaded_counts`)."""
     h, f, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or h // heads
+    if counts:
+        heads, kv, f = counts["heads"], counts["kv_heads"], counts["channels"]
     return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
             "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
 
 
-def dense_numel(config) -> dict[str, int]:
-    """The weights each projection of a block has before any pruning."""
-    return {name: n_in * n_out for name, (n_in, n_out) in dense_shapes(config).items()}
+def dense_numel(config, counts: dict[str, int] | None = None) -> dict[str, int]:
+    """The weights each projection of a block has before any pruning (``counts``: see :func:`dense_shapes`)."""
+    return {name: n_in * n_out for name, (n_in, n_out) in dense_shapes(config, counts).items()}
+
+
+def config_counts(config) -> dict[str, int]:
+    """The heads, key/value heads and MLP channels the config gives every block."""
+    heads = config.num_attention_heads
+    return {"heads": heads, "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+            "channels": config.intermediate_size}
+
+
+LOADED_COUNTS = "ebft_loaded_counts"  # attribute of a model loaded structurally pruned: its blocks' counts
+
+
+def loaded_counts(model: nn.Module) -> list[dict[str, int] | None]:
+    """Each block's counts as the model was loaded (a structurally pruned model saved by EBFT Lab is the dense
+    model of the runs on it); None for a block of the config's sizes."""
+    counts = getattr(model, LOADED_COUNTS, None)
+    return list(counts) if counts else [None] * len(model.model.layers)
 
 
 def counts(block: nn.Module) -> dict[str, int]:
@@ -232,14 +256,14 @@ def first_n(block: nn.Module, counts: dict[str, int]) -> BlockStructure:
     return BlockStructure(tuple(heads), tuple(range(kv)), tuple(range(counts["channels"])))
 
 
-def regrow(block: nn.Module, config) -> bool:
-    """Give a shrunk block its dense shapes back (new Linear modules, contents to be restored by the caller);
-    return whether anything changed."""
+def regrow(block: nn.Module, config, counts: dict[str, int] | None = None) -> bool:
+    """Give a shrunk block its dense shapes back (new Linear modules, contents to be restored by the caller):
+    the config's, or ``counts``' for a block that was loaded smaller; return whether anything changed."""
     from ..models import LINEAR_PATHS
 
     attn, mlp = block.self_attn, block.mlp
     changed = False
-    for name, (n_in, n_out) in dense_shapes(config).items():
+    for name, (n_in, n_out) in dense_shapes(config, counts).items():
         owner_path, attr = LINEAR_PATHS[name].rsplit(".", 1)
         owner = block.get_submodule(owner_path)
         old = getattr(owner, attr)
@@ -248,8 +272,8 @@ def regrow(block: nn.Module, config) -> bool:
                                            device=old.weight.device, dtype=old.weight.dtype).requires_grad_(False)
             setattr(owner, attr, new)
             changed = True
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    attn.num_key_value_groups = config.num_attention_heads // kv_heads
+    dense = counts or config_counts(config)
+    attn.num_key_value_groups = dense["heads"] // dense["kv_heads"]
     if hasattr(mlp, "intermediate_size"):
-        mlp.intermediate_size = config.intermediate_size
+        mlp.intermediate_size = dense["channels"]
     return changed

@@ -26,6 +26,18 @@ def test_spaces_refuses(overrides, field):
     assert info.value.field == field
 
 
+@pytest.mark.parametrize("field", ["calib.source", "eval.source"])
+def test_spaces_file_refusal_offers_only_the_fields_own_sources(field):
+    """The fix a refusal offers must pass that field's validation (self is calibration only, ptb evaluation only)."""
+    config = load_preset("smollm2-spaces").with_overrides({field: "file:notes.txt"})
+    with pytest.raises(ConfigError) as info:
+        policy.check(config, spaces=True)
+    offered = [v.strip() for v in info.value.fix.removeprefix("use ").split(",")]
+    assert offered
+    for value in offered:
+        policy.check(config.with_overrides({field: value}), spaces=True)  # valid for the field, and on the Space
+
+
 def test_spaces_accepts_presets_and_hub_ids():
     config = load_preset("smollm2-spaces")
     assert policy.check(config, spaces=True) is config
