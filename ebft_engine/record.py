@@ -1,7 +1,8 @@
 """The run folder: ``runs/<id>/`` with config.json, events.jsonl, blocks.csv and summary.json.
 
 JSON files are written to a temporary file and renamed, so a reader never sees half a file; events are
-appended one line at a time and :func:`read_events` skips a torn last line.
+appended one line at a time and :func:`read_events` skips a torn last line. :func:`run_folders` lists a runs
+directory newest first, by when each run started: the one order for everything that shows or picks past runs.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import csv
 import io
 import json
 import os
+import re
 import secrets
 import time
 from pathlib import Path
@@ -20,8 +22,43 @@ from .events import BlockFinished, Event, event_from_dict, event_to_dict
 BLOCK_COLUMNS = ("label", "block", "initial_loss", "final_loss", "seconds", "sparsity")
 
 
+_RUN_ID = re.compile(r"(\d{8}-\d{6})-[0-9a-f]{6}")  # YYYYMMDD-HHMMSS (local time) and six hex digits
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+
+
+def started_at(run_dir: str | Path) -> float:
+    """When a run started, in seconds since the epoch: the time of its first event (RunStarted; a resumed run
+    appends a second one and keeps its first). For a folder whose events.jsonl cannot be read, the second its
+    id names; 0.0 for a folder with neither."""
+    run_dir = Path(run_dir)
+    try:
+        with open(run_dir / "events.jsonl", encoding="utf-8", errors="replace") as f:
+            first = json.loads(f.readline())
+        if first.get("kind") == "run_started" and isinstance(first.get("time"), (int, float)):
+            return float(first["time"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    named = _RUN_ID.fullmatch(run_dir.name)
+    if named:
+        try:
+            return time.mktime(time.strptime(named.group(1), "%Y%m%d-%H%M%S"))
+        except (ValueError, OverflowError):
+            pass
+    return 0.0
+
+
+def run_folders(runs_dir: str | Path) -> list[Path]:
+    """The run folders (those with a config.json) under ``runs_dir``, newest first: by the time each run
+    started, then by id. Not by id alone: an id names its start to the second only, so two runs started within
+    one second would come out in the order of their random suffixes."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    folders = [f for f in root.iterdir() if not f.name.startswith(".") and (f / "config.json").is_file()]
+    return sorted(folders, key=lambda f: (started_at(f), f.name), reverse=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
