@@ -12,6 +12,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,20 @@ BLOCK_COLUMNS = ("label", "block", "initial_loss", "final_loss", "seconds", "spa
 _RUN_ID = re.compile(r"(\d{8}-\d{6})-[0-9a-f]{6}")  # YYYYMMDD-HHMMSS (local time) and six hex digits
 
 
+_last_ms = 0  # the millisecond of the last id this process handed out
+_ids = threading.Lock()
+
+
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+    """A new run's folder name, YYYYMMDD-HHMMSS-mmmxxx: the local time it starts, the millisecond (mmm), and three
+    random hex digits (xxx) against a clash with another process. Ids from one process increase even within one
+    millisecond, so runs started within one second also sort by name in the order they started (ids written
+    before this had six random hex digits after the second: :func:`run_folders` orders both kinds)."""
+    global _last_ms
+    with _ids:
+        ms = _last_ms = max(time.time_ns() // 1_000_000, _last_ms + 1)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(ms // 1000))
+    return f"{stamp}-{ms % 1000:03d}{secrets.randbelow(16 ** 3):03x}"
 
 
 def started_at(run_dir: str | Path) -> float:
@@ -52,8 +65,8 @@ def started_at(run_dir: str | Path) -> float:
 
 def run_folders(runs_dir: str | Path) -> list[Path]:
     """The run folders (those with a config.json) under ``runs_dir``, newest first: by the time each run
-    started, then by id. Not by id alone: an id names its start to the second only, so two runs started within
-    one second would come out in the order of their random suffixes."""
+    started, then by id. Not by id alone: older ids name their start to the second only (runs started within one
+    second came out in the order of their random suffixes), and an id's local time goes back when clocks do."""
     root = Path(runs_dir)
     if not root.is_dir():
         return []

@@ -44,3 +44,18 @@ def test_a_folder_without_a_readable_start_lists_by_the_second_its_id_names(tmp_
     assert started_at(torn.dir) == _second("20261129-120000")
     assert run_folders(tmp_path) == [last.dir, torn.dir, first.dir]
     assert run_folders(tmp_path / "missing") == []
+
+
+def test_ids_from_one_process_increase_even_on_a_clock_that_stands_still(monkeypatch):
+    import re
+
+    from ebft_engine import record
+
+    ids = [record.new_run_id() for _ in range(300)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"\d{8}-\d{6}-\d{3}[0-9a-f]{3}", i) for i in ids)  # still YYYYMMDD-HHMMSS-xxxxxx
+    now = int(_second("20261129-120000") * 1e9) + 100_000_000
+    monkeypatch.setattr(record, "_last_ms", 0)
+    monkeypatch.setattr(record.time, "time_ns", lambda: now)
+    frozen = [record.new_run_id() for _ in range(3)]
+    assert [i[:19] for i in frozen] == ["20261129-120000-100", "20261129-120000-101", "20261129-120000-102"]
