@@ -8,7 +8,7 @@ Python API::
         print(event)
     summary = event.summary  # the last event is RunFinished
     # a run killed or stopped part way continues in its own folder, from its last finished block:
-    for event in resume("runs/20261128-101500-ab12cd"):
+    for event in resume("runs/20261128-101500-417c2e"):
         ...
 
 No UI code lives here: the CLI, the lab and the run folder all consume the same event stream.

@@ -205,7 +205,7 @@ def resumable(run_dir: str | Path) -> tuple[RunConfig, dict[str, Any] | None]:
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise ConfigError("resume", f"{str(run_dir)!r} is not a run folder (it has no config.json)",
-                          "pass a folder under your runs directory, e.g. runs/20261128-101500-ab12cd")
+                          "pass a folder under your runs directory, e.g. runs/20261128-101500-417c2e")
     summary = read_summary(run_dir)
     status = status_of(summary)
     if status == "finished":

@@ -3,6 +3,8 @@
 JSON files are written to a temporary file and renamed, so a reader never sees half a file; events are
 appended one line at a time and :func:`read_events` skips a torn last line. Every file is strict JSON: a value
 that is not finite (a NaN loss, an infinite reconstruction error) is written as null, never as NaN.
+:func:`run_folders` lists a runs directory newest first, by when each run started: the one order for
+everything that shows or picks past runs.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import json
 import math
 import numbers
 import os
+import re
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +27,55 @@ from .events import BlockFinished, Event, event_from_dict, event_to_dict
 BLOCK_COLUMNS = ("label", "block", "initial_loss", "final_loss", "seconds", "sparsity")
 
 
+_RUN_ID = re.compile(r"(\d{8}-\d{6})-[0-9a-f]{6}")  # YYYYMMDD-HHMMSS (local time) and six hex digits
+
+
+_last_ms = 0  # the millisecond of the last id this process handed out
+_ids = threading.Lock()
+
+
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
+    """A new run's folder name, YYYYMMDD-HHMMSS-mmmxxx: the local time it starts, the millisecond (mmm), and three
+    random hex digits (xxx) against a clash with another process. Ids from one process increase even within one
+    millisecond, so runs started within one second also sort by name in the order they started (ids written
+    before this had six random hex digits after the second: :func:`run_folders` orders both kinds)."""
+    global _last_ms
+    with _ids:
+        ms = _last_ms = max(time.time_ns() // 1_000_000, _last_ms + 1)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(ms // 1000))
+    return f"{stamp}-{ms % 1000:03d}{secrets.randbelow(16 ** 3):03x}"
+
+
+def started_at(run_dir: str | Path) -> float:
+    """When a run started, in seconds since the epoch: the time of its first event (RunStarted; a resumed run
+    appends a second one and keeps its first). For a folder whose events.jsonl cannot be read, the second its
+    id names; 0.0 for a folder with neither."""
+    run_dir = Path(run_dir)
+    try:
+        with open(run_dir / "events.jsonl", encoding="utf-8", errors="replace") as f:
+            first = json.loads(f.readline())
+        if first.get("kind") == "run_started" and isinstance(first.get("time"), (int, float)):
+            return float(first["time"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    named = _RUN_ID.fullmatch(run_dir.name)
+    if named:
+        try:
+            return time.mktime(time.strptime(named.group(1), "%Y%m%d-%H%M%S"))
+        except (ValueError, OverflowError):
+            pass
+    return 0.0
+
+
+def run_folders(runs_dir: str | Path) -> list[Path]:
+    """The run folders (those with a config.json) under ``runs_dir``, newest first: by the time each run
+    started, then by id. Not by id alone: older ids name their start to the second only (runs started within one
+    second came out in the order of their random suffixes), and an id's local time goes back when clocks do."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return []
+    folders = [f for f in root.iterdir() if not f.name.startswith(".") and (f / "config.json").is_file()]
+    return sorted(folders, key=lambda f: (started_at(f), f.name), reverse=True)
 
 
 def finite(data: Any) -> Any:

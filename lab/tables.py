@@ -8,7 +8,7 @@ import pandas as pd
 
 from ebft_engine import read_events
 from ebft_engine.cli import PROTOCOL_128
-from ebft_engine.record import status_of
+from ebft_engine.record import run_folders, status_of
 
 from .state import RunView, fold
 
@@ -65,10 +65,10 @@ RESUMABLE = ("interrupted", "cancelled", "failed")  # statuses the History tab o
 
 
 def list_runs(runs_dir: str | Path) -> pd.DataFrame:
-    """Past runs, newest first: id, status, model, method, sparsity, and the perplexities they measured."""
+    """Past runs, newest first (by start time: :func:`ebft_engine.record.run_folders`): id, status, model,
+    method, sparsity, and the perplexities they measured."""
     rows = []
-    root = Path(runs_dir)
-    for folder in sorted(root.glob("*/"), reverse=True) if root.is_dir() else []:
+    for folder in run_folders(runs_dir):
         config, summary = _read_json(folder / "config.json"), _read_json(folder / "summary.json")
         if config is None:
             continue

@@ -21,6 +21,27 @@ def _losses(plot_output) -> list[float]:
     return [y for trace in fig.get("data", []) if trace.get("mode") == "lines" for y in trace.get("y", [])]
 
 
+def _wait_for(job, condition, what: str, timeout: float = 120) -> None:
+    """Wait until one of the job's streamed outputs meets ``condition`` (checked as they arrive, a few a second);
+    fail saying ``what`` did not happen if the job ends or ``timeout`` passes first."""
+    deadline = time.monotonic() + timeout
+    while not any(condition(o) for o in job.outputs()):
+        assert not job.done() and time.monotonic() < deadline, f"{what} (job done: {job.done()})"
+        time.sleep(0.05)
+
+
+def _training(output) -> bool:
+    return bool(_losses(output[1]))
+
+
+def _run_id(outputs) -> str:
+    """The id of the run an update belongs to: the name of its record (the zip the last update carries)."""
+    from pathlib import Path
+
+    assert outputs[8], "the run's last update carries no record"
+    return Path(outputs[8]).name.removesuffix(".zip")
+
+
 def test_run_streams_updates_and_fills_the_table(lab_url):
     from gradio_client import Client
 
@@ -53,11 +74,8 @@ def test_stop_cancels_and_the_next_run_works(lab_url):
 
     client = Client(lab_url, verbose=False)
     job = client.submit(*_values(**{"ebft.epochs": 400}), api_name="/run")
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(_losses(o[1]) for o in job.outputs()):
-        time.sleep(0.2)
-    assert any(_losses(o[1]) for o in job.outputs()), "training never started"
-    client.predict(api_name="/stop")
+    _wait_for(job, _training, "training never started")
+    assert "Stopping" in client.predict(api_name="/stop")
     final = job.result(timeout=120)
     assert "cancelled" in final[0]
     assert [row[0] for row in final[3]["data"]][:1] == ["dense"]  # partial results stay
@@ -120,32 +138,36 @@ def test_two_sessions_each_see_only_their_own_run_and_queue_for_the_device(lab_u
             spans.append((start, folder.stat().st_mtime, config["prune"]["sparsity"]))
     spans.sort()
     assert len(spans) == 2 and spans[0][1] <= spans[1][0] + 0.5
-    # Stop from one session does not touch the other's run
+    # Stop from one session does not touch the other's run (pressed once Alice's run is going: a Stop that
+    # arrives before the run has begun finds nothing to stop, and the 400 epochs would run on)
     job_a = alice.submit(*_values(**{"ebft.epochs": 400, "baselines": []}), api_name="/run")
+    _wait_for(job_a, lambda output: True, "Alice's run never started")
     assert "Nothing is running" in bob.predict(api_name="/stop")
-    alice.predict(api_name="/stop")
+    assert "Stopping" in alice.predict(api_name="/stop")
     assert "cancelled" in job_a.result(timeout=120)[0]
 
 
-def test_a_stopped_run_is_offered_in_history_and_resumes_to_the_end(lab_url):
+def test_a_stopped_run_is_offered_in_history_and_resumes_to_the_end(lab_url, tmp_path, monkeypatch):
+    """The run is picked by its own id, in a runs folder of its own: the other tests' stopped runs (one of them
+    started within a second of this one) are not in its History."""
     from gradio_client import Client
 
+    monkeypatch.setenv("EBFT_RUNS_DIR", str(tmp_path / "runs"))  # the in-process lab reads it on every call
     client = Client(lab_url, verbose=False)
     job = client.submit(*_values(**{"ebft.epochs": 40, "baselines": ["wanda"]}), api_name="/run")
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(_losses(o[1]) for o in job.outputs()):
-        time.sleep(0.1)
-    client.predict(api_name="/stop")
-    assert "cancelled" in job.result(timeout=120)[0]
+    _wait_for(job, _training, "training never started")
+    assert "Stopping" in client.predict(api_name="/stop")
+    outputs = job.result(timeout=120)
+    assert "cancelled" in outputs[0]
+    stopped = _run_id(outputs)
     table, _chosen, offered = client.predict(api_name="/history")
-    stopped = table["data"][0][0]  # newest first
-    assert table["data"][0][1] == "cancelled" and offered["value"] == stopped
+    assert [row[:2] for row in table["data"]] == [[stopped, "cancelled"]] and offered["value"] == stopped
     final = client.predict(stopped, api_name="/resume")
-    assert "finished" in final[0]
+    assert "finished" in final[0] and _run_id(final) == stopped
     assert [row[0] for row in final[3]["data"]] == ["dense", "wanda", "ebft"]
     assert _losses(final[1]), "the resumed run shows its loss curves"
     table, _chosen, offered = client.predict(api_name="/history")
-    assert table["data"][0][:2] == [stopped, "finished"]
+    assert [row[:2] for row in table["data"]] == [[stopped, "finished"]]
     assert stopped not in [choice[0] for choice in offered["choices"]]
     # a name that is not in the list (a path, say) is refused: by the dropdown, and by the handler behind it
     import pytest

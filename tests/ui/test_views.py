@@ -112,3 +112,24 @@ def test_choosing_llm_pruner_shows_the_structured_pattern_and_leaving_it_goes_ba
     assert pattern_for_method("llm-pruner", "unstructured") == "structured"
     assert pattern_for_method("wanda", "structured") == "unstructured"
     assert pattern_for_method("wanda", "2:4") != "unstructured"  # an N:M choice is left alone
+
+
+def test_history_lists_runs_started_within_one_second_newest_first_and_offers_the_newest(tmp_path, monkeypatch):
+    """Two stopped runs started 0.3 s apart, whose random id suffixes sort the other way: the table, and the
+    Resume choice it defaults to, follow the order they started in (the flaky Stop -> History -> Resume test)."""
+    import time as clock
+
+    from ebft_engine.record import RunRecord
+    from lab.app import refresh_history
+
+    second = clock.mktime(clock.strptime("20261129-120000", "%Y%m%d-%H%M%S"))
+    for run_id, started in (("20261129-120000-f00000", second + 0.2), ("20261129-120000-0fffff", second + 0.5)):
+        record = RunRecord(tmp_path, run_id)
+        record.write_config({"model": "tiny-random", "prune": {"method": "wanda", "sparsity": 0.5}})
+        record.append(RunStarted(run_id=run_id, run_dir=str(record.dir), config={}, time=started))
+        record.write_summary({"status": "cancelled", "ppl": {}})
+        record.close()
+    assert list(tables.list_runs(tmp_path)["run"]) == ["20261129-120000-0fffff", "20261129-120000-f00000"]
+    monkeypatch.setenv("EBFT_RUNS_DIR", str(tmp_path))
+    _table, _chosen, offered = refresh_history()
+    assert offered["value"] == "20261129-120000-0fffff"
