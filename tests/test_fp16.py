@@ -102,3 +102,23 @@ def test_lora_trains_through_a_gradient_scaler_in_fp16(monkeypatch):
             result = stop.value
     assert used and len(used) == result.steps == 6 * 2
     assert result.last_loss < result.first_loss
+
+
+@pytest.mark.parametrize("start", [2.0 ** 16, 2.0 ** 60])  # GradScaler's default; one that overflows at once
+def test_fp16_taylor_importance_is_scaled_then_unscaled(monkeypatch, start):
+    """LLM-Pruner's importance pass in float16 scales its loss (halving while a gradient overflows) and unscales
+    every group sum: the scores are the float32 pass's, to float16's precision."""
+    from ebft_engine.sparsity import structured as st
+
+    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    reference = st.taylor_importance(model, model.model.layers, [1], ids, Precision(CPU, torch.float32, None))[1]
+    monkeypatch.setattr(st, "FP16_TAYLOR_SCALE", start)
+    half = model.half()
+    scores = st.taylor_importance(half, half.model.layers, [1], ids, Precision(CPU, torch.float16, torch.float16))[1]
+    for field in ("heads", "kv_heads", "channels"):
+        torch.testing.assert_close(getattr(scores, field), getattr(reference, field), rtol=2e-2, atol=0)

@@ -76,16 +76,22 @@ def _heads(attn: nn.Module) -> tuple[int, int, int]:
     return attn.q_proj.out_features // hd, attn.k_proj.out_features // hd, hd
 
 
+FP16_TAYLOR_SCALE = 2.0 ** 16  # the loss scale the fp16 importance pass starts from (GradScaler's default)
+
+
 def taylor_importance(model: nn.Module, blocks: nn.ModuleList, indices: list[int], ids: torch.Tensor,
                       precision) -> dict[int, GroupScores]:
     """LLM-Pruner's first-order importance of the groups of blocks ``indices``, from one backward pass of the
     language-model loss over ``ids`` (n, seq) through ``model`` (on ``precision.device`` for the call)."""
     sums: dict[int, dict[str, torch.Tensor]] = {i: {} for i in indices}
     hooks, params = [], []
+    # float16 (GPUs without native bf16): the loss is scaled so small gradients survive in float16, halved while
+    # they overflow; each group sum is unscaled as it is reduced.
+    scale = [FP16_TAYLOR_SCALE if precision.needs_scaler else 1.0]
 
     def reducer(i: int, name: str, hd: int):
         def hook(p: nn.Parameter) -> None:
-            t = (p.detach().float() * p.grad.float()).abs()
+            t = (p.detach().float() * p.grad.float()).abs() / scale[0]
             p.grad = None  # reduced: the gradient is not needed any more
             if name in ("q_proj", "k_proj", "v_proj"):
                 sums[i][name] = t.sum(1).view(-1, hd).sum(1).cpu()
@@ -119,11 +125,16 @@ def taylor_importance(model: nn.Module, blocks: nn.ModuleList, indices: list[int
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         batch = ids.to(precision.device)
-        with precision.autocast():
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the dense model's loss on the importance samples is {float(loss)}")
-        loss.backward()
+        while True:
+            with precision.autocast():
+                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the dense model's loss on the importance samples is {float(loss)}")
+            (loss * scale[0]).backward()
+            finite = all(bool(torch.isfinite(t).all()) for s in sums.values() for t in s.values())
+            if finite or scale[0] <= 1.0:
+                break
+            scale[0] /= 2  # a scaled gradient overflowed float16: again, at half the scale
     finally:
         for h in hooks:
             h.remove()
