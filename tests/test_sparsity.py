@@ -285,3 +285,28 @@ def test_sparsegpt_mask_variant_prunes_dead_columns_like_the_reference(sgpt_prob
     keep, _ = _plain_sparsegpt(weight, hessian, 0.5, (2, 4), 128, update=False)
     assert not keep[:, DEAD].any()
     assert torch.equal(mask, keep)
+
+
+def test_sparsegpt_factorises_in_float32_and_falls_back_to_float64(layer, monkeypatch):
+    """As the reference: the damped Hessian is factorised in float32; float64 only where float32's Cholesky
+    fails (consumer GPUs run float64 at 1/32-1/64 speed)."""
+    from ebft_engine.sparsity import sparsegpt
+
+    _, stats, _ = layer
+    seen = []
+    cholesky = torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda a, **k: seen.append(a.dtype) or cholesky(a, **k))
+    U, _ = sparsegpt.inverse_hessian_factor(stats.hessian)
+    assert seen == [torch.float32, torch.float32]
+
+    def float32_fails(a, **k):
+        seen.append(a.dtype)
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("not positive-definite")
+        return cholesky(a, **k)
+
+    seen.clear()
+    monkeypatch.setattr(torch.linalg, "cholesky", float32_fails)
+    U64, _ = sparsegpt.inverse_hessian_factor(stats.hessian)
+    assert seen == [torch.float32, torch.float64, torch.float64] and U64.dtype == torch.float32
+    torch.testing.assert_close(U64, U, rtol=1e-4, atol=1e-6)

@@ -21,18 +21,25 @@ PERCDAMP = 0.01
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = PERCDAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (upper Cholesky factor of the damped H⁻¹, boolean mask of dead input columns)."""
-    H = hessian.double().clone()
+    """Return (upper Cholesky factor of the damped H⁻¹, boolean mask of dead input columns).
+
+    Factorised in float32, as the reference does (float64 runs at 1/32-1/64 of the speed on consumer GPUs and
+    doubles the transient memory: +4 GiB for LLaMA-7B's down_proj); float64 only when float32's Cholesky fails.
+    """
+    H = hessian.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    try:
-        L = torch.linalg.cholesky(H)
-    except torch.linalg.LinAlgError:
-        raise EbftError("sparsegpt: the input Hessian of a layer is not positive definite even after damping; "
-                        "use more calibration samples or another method") from None
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).float(), dead
+    for dtype in (torch.float32, torch.float64):
+        try:
+            L = torch.linalg.cholesky(H.to(dtype))
+            U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+        if bool(torch.isfinite(U).all()):
+            return U.float(), dead
+    raise EbftError("sparsegpt: the input Hessian of a layer is not positive definite even after damping; "
+                    "use more calibration samples or another method")
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
