@@ -592,6 +592,7 @@ class _Run:
                 masks = self._shrink(block, i, scores, sparsities[i])
             else:
                 masks = self._prune(block, method, stats, sparsities[i])
+            stats = None  # the Hessians and norms are spent: free them before the block trains (as planned)
             initial = final = None
             # A block with nothing pruned (left whole by structured pruning) computes its own target, the dense
             # block on the same inputs, so there is nothing to train; with global propagation its target

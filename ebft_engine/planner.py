@@ -208,8 +208,11 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
         phases.append(PhasePlan("importance", model + taylor if on_gpu else 0, base + (0 if on_gpu else taylor),
                                 {"autograd": saved, "logits": logits}))
 
-    methods = set(cfg.baselines) | {cfg.prune.method}
-    hessians = 3 * (3 * h * h + f * f) * 4 if "sparsegpt" in methods else 0
+    # Hessians for whichever method reads them (from the registry: sparsegpt, sparsegpt-mask, owl-sparsegpt,
+    # DSnoT started from a SparseGPT mask), while a block is pruned: in a baseline's pass and in EBFT's own
+    hessian_bytes = 3 * (3 * h * h + f * f) * 4
+    needs_hessian = {m: "hessian" in _statistics(m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}}
+    hessians = hessian_bytes if any(needs_hessian.values()) else 0
     prune_acts = 2 * act
     prune_dev = pb * sb + hessians + inference(INFER_BATCH * cfg.calib.seqlen) + pb  # + bool masks
     phases.append(PhasePlan("prune", prune_dev + (prune_acts if acts == "device" else 0) if on_gpu else 0,
@@ -227,6 +230,10 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
         # On the host: the pruned copy kept for a roll-back, and (where storage is not float32) nothing else:
         # the float32 block lives on the device.
         host_extra = pb * 4
+        # the block is pruned first (its statistics freed before it trains): the larger of the two moments
+        ebft_prune = pb * sb + pb + (hessian_bytes if needs_hessian.get(cfg.prune.method) else 0) + \
+            inference(INFER_BATCH * cfg.calib.seqlen)
+        train = max(train, ebft_prune)
         if on_gpu:
             phases.append(PhasePlan("ebft", train + (ebft_acts if acts == "device" else 0),
                                     base + host_extra + (ebft_acts if acts == "host" else 0),
@@ -334,3 +341,14 @@ def _rss() -> int:
     except OSError:
         pass
     return 0
+
+
+def _statistics(method: str, cfg: RunConfig) -> frozenset[str]:
+    """What ``method`` (any --method or --baselines value) reads of each layer's inputs, from the registry."""
+    from .config import OWL_PREFIX, STRUCTURED_METHODS
+    from .sparsity import get_method
+
+    name = method[len(OWL_PREFIX):] if method.startswith(OWL_PREFIX) else method
+    if name in STRUCTURED_METHODS:
+        return frozenset()
+    return get_method(name).needs_with(cfg.prune)

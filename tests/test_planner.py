@@ -84,3 +84,31 @@ def test_structured_pruning_plans_its_whole_model_importance_pass(paper):
     assert plan.fits
     assert "importance" not in {p.phase for p in plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16,
                                                                device_capacity=GPU16).phases}
+
+
+@pytest.mark.parametrize("overrides,hessians", [
+    ({"baselines": ["wanda"]}, False),
+    ({"baselines": ["sparsegpt"]}, True),
+    ({"baselines": ["sparsegpt-mask"]}, True),
+    ({"baselines": ["owl-sparsegpt"]}, True),
+    ({"baselines": ["dsnot"], "prune.dsnot_init": "sparsegpt-mask"}, True),
+    ({"baselines": ["dsnot"]}, False),
+    ({"prune.method": "sparsegpt-mask"}, True),
+])
+def test_hessians_are_planned_for_every_method_the_registry_says_reads_them(paper, overrides, hessians):
+    """The prune phase holds SparseGPT's Hessians for any method that reads them (the registry says which);
+    EBFT's phase too when its own masks come from such a method, before the block trains."""
+    config = paper.with_overrides({"prune.method": "wanda", **overrides})
+    plan = plan_memory(SEVEN_B["llama-7b"], config, CUDA_BF16, device_capacity=GPU16)
+    h, f = 4096, 11008
+    assert plan.phase("prune").parts["hessians"] == (3 * (3 * h * h + f * f) * 4 if hessians else 0)
+
+
+def test_ebfts_phase_covers_pruning_its_block_with_hessians(paper):
+    wanda = plan_memory(SEVEN_B["llama-7b"], paper.with_overrides({"prune.method": "wanda", "ebft.batch_size": 1}),
+                        CUDA_BF16, device_capacity=GPU16, host_capacity=None)
+    sgpt = plan_memory(SEVEN_B["llama-7b"], paper.with_overrides({"prune.method": "sparsegpt",
+                                                                  "ebft.batch_size": 1}),
+                       CUDA_BF16, device_capacity=GPU16, host_capacity=None)
+    # with one sequence per step training needs less than SparseGPT's pruning pass: that pass sets the peak
+    assert sgpt.phase("ebft").device > wanda.phase("ebft").device
