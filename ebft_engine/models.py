@@ -134,15 +134,33 @@ def check_architecture(config) -> None:
                              f"LLaMA family ({', '.join(SUPPORTED_TYPES)})")
 
 
-def count_params(config) -> int:
-    """Parameter count of a LLaMA-family config, without building the model."""
-    h, inter, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    heads = config.num_attention_heads
+def projection_shapes(config, counts: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each of a block's seven projections, from a LLaMA-family config: the one
+    home of the family's shape arithmetic (parameter counts, the memory planner, structured pruning).
+
+    ``head_dim`` is the config's own where it has one (Qwen3, Mistral variants: not hidden / heads). ``counts``
+    (heads, kv_heads, channels) gives a block that was structurally pruned.
+    """
+    h, f, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or h // heads
-    block = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
+    if counts:
+        heads, kv, f = counts["heads"], counts["kv_heads"], counts["channels"]
+    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+
+def block_params(config) -> int:
+    """Weights of one block: its seven projections and its two RMSNorm vectors (biases and q/k norms, where a
+    family has them, are too few to count)."""
+    return sum(i * o for i, o in projection_shapes(config).values()) + 2 * config.hidden_size
+
+
+def count_params(config) -> int:
+    """Parameter count of a LLaMA-family config, without building the model."""
+    h, v = config.hidden_size, config.vocab_size
     head = 0 if getattr(config, "tie_word_embeddings", False) else v * h
-    return v * h + head + config.num_hidden_layers * block + h
+    return v * h + head + config.num_hidden_layers * block_params(config) + h
 
 
 def load_model(source: ModelSource, dtype: torch.dtype):

@@ -36,7 +36,7 @@ import torch
 from .config import RunConfig
 from .device import Precision
 from .evaluate import EVAL_BATCH, HEAD_CHUNK, INFER_BATCH
-from .models import CACHE_MAX_PARAMS
+from .models import CACHE_MAX_PARAMS, block_params
 
 GiB = 1024 ** 3
 RUNTIME_BYTES = 480 * 1024 ** 2  # python + torch + transformers + datasets, resident (bench/memory.py measures it)
@@ -53,6 +53,7 @@ class Shape:
     layers: int
     vocab: int
     tied: bool
+    block_params: int  # one block's weights (models.block_params: q and o follow head_dim, not hidden)
 
     @classmethod
     def of(cls, config: Any) -> Shape:
@@ -61,12 +62,7 @@ class Shape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, kv=kv_heads * head_dim,
                    layers=config.num_hidden_layers, vocab=config.vocab_size,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)))
-
-    @property
-    def block_params(self) -> int:
-        h, f, kv = self.hidden, self.intermediate, self.kv
-        return 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+                   tied=bool(getattr(config, "tie_word_embeddings", False)), block_params=block_params(config))
 
     @property
     def params(self) -> int:

@@ -112,3 +112,22 @@ def test_ebfts_phase_covers_pruning_its_block_with_hessians(paper):
                        CUDA_BF16, device_capacity=GPU16, host_capacity=None)
     # with one sequence per step training needs less than SparseGPT's pruning pass: that pass sets the peak
     assert sgpt.phase("ebft").device > wanda.phase("ebft").device
+
+
+def test_one_shape_arithmetic_for_a_head_dim_other_than_hidden_over_heads():
+    """Qwen3-0.6B's shape (hidden 1024, 16 heads of head_dim 128: q and o are 2048 wide): the planner, the
+    parameter count and structured pruning's shapes agree with the model transformers builds."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from ebft_engine.models import count_params, projection_shapes
+
+    config = Qwen3Config(hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=16,
+                         num_key_value_heads=8, head_dim=32, vocab_size=1000, tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(config)
+    block = model.model.layers[0]
+    built = {name: (m.in_features, m.out_features) for name, m in block.named_modules()
+             if name.split(".")[-1] in projection_shapes(config)}
+    assert {k.split(".")[-1]: v for k, v in built.items()} == projection_shapes(config)
+    real = sum(p.numel() for p in model.parameters())
+    norms = sum(p.numel() for n, p in model.named_parameters() if "q_norm" in n or "k_norm" in n)
+    assert count_params(config) == Shape.of(config).params == real - norms  # q/k norms: too few to count

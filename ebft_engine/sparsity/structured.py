@@ -219,13 +219,9 @@ def dense_shapes(config, counts: dict[str, int] | None = None) -> dict[str, tupl
     """(in_features, out_features) of each projection of a block before any pruning: from the model's config,
     or with ``counts`` (heads, kv_heads, channels) for a block that was loaded already smaller (see
     :func:`loaded_counts`)."""
-    h, f, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    if counts:
-        heads, kv, f = counts["heads"], counts["kv_heads"], counts["channels"]
-    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+    from ..models import projection_shapes
+
+    return projection_shapes(config, counts)
 
 
 def dense_numel(config, counts: dict[str, int] | None = None) -> dict[str, int]:
