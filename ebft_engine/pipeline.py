@@ -35,7 +35,7 @@ from .finetune.lora import lora_adapters, merge_and_remask, train_lora
 from .identity import check_same_model, model_identity, read_identity, write_identity
 from .models import (FileBackedBlocks, LlamaAdapter, count_params, load_config, load_model_cached, read_structure,
                      resolve_source, restore_blocks, save_structure)
-from .planner import GiB, MemoryPlan, capacities, plan_memory, remedy, suggestion
+from .planner import GiB, MemoryPlan, capacities, is_out_of_memory, oom_remedy, plan_memory, remedy
 from .checkpoint import Checkpoints, mask_digest_update, new_digest
 from .record import RunRecord, new_run_id, read_summary, status_of, write_json_atomic
 from .config import OWL_PREFIX, STRUCTURED_METHODS
@@ -250,13 +250,14 @@ def _drive(state: "_Run", resumed: bool, note: Notice | None = None) -> Iterator
     except EbftError as e:
         state.error = {"field": getattr(e, "field", None), "message": str(e)}
         yield state.emit(Notice("error", str(e)))
-    except torch.OutOfMemoryError:
-        state.release()
-        yield state.emit(Notice("error", state.out_of_memory()))
     except Exception as e:  # a bug or a torch failure: keep the traceback in the run folder, say it plainly
-        (record.dir / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
-        yield state.emit(Notice("error", f"internal error ({e.__class__.__name__}: {str(e)[:300]}); "
-                                         f"details in {record.dir / 'traceback.txt'}"))
+        if is_out_of_memory(e):  # torch's OutOfMemoryError, or a cuBLAS/cuSOLVER allocation failure
+            state.release()
+            yield state.emit(Notice("error", state.out_of_memory()))
+        else:
+            (record.dir / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            yield state.emit(Notice("error", f"internal error ({e.__class__.__name__}: {str(e)[:300]}); "
+                                             f"details in {record.dir / 'traceback.txt'}"))
     state.release()
     yield state.emit(RunFinished(status=status, summary=state.finish(status)))
     record.close()
@@ -291,7 +292,8 @@ class _Run:
         self.precision: Precision | None = None
         self.model_config = None
         self.plan: MemoryPlan | None = None
-        self.where = "starting"  # what the run is doing, for a message if memory runs out
+        # what the run is doing, for a message if memory runs out: the stage picks the remedy (planner.oom_remedy)
+        self.stage, self.where = "start", "starting"
         self.finished_summary: dict[str, Any] | None = None
         self.error: dict[str, Any] | None = None  # why the run failed: {"field": a ConfigError's or None, "message"}
         self.kept: dict[int, dict[str, list[int]]] = {}
@@ -412,13 +414,14 @@ class _Run:
                               "free some space or choose another folder with --runs-dir")
 
     def out_of_memory(self) -> str:
-        """The message for a device out-of-memory: where, the planner's suggestion, and how to go on."""
-        fix = "use a smaller --batch-size or --activations host"
-        if self.plan is not None and self.model_config is not None:
-            fix = suggestion(self.model_config, self.config, self.precision, self.plan.device_capacity)
-        return (f"out of device memory in {self.where}; {fix}, then continue with python -m ebft_engine run "
-                f"--resume {self.record.dir} (add the flag there: --batch-size and --activations may change on "
-                "resume)")
+        """The message for a device out-of-memory: where, what to change for the stage that ran out (only EBFT
+        training reacts to --batch-size), and how to go on: resume where the change is allowed on resume."""
+        fix, resumable_fix = oom_remedy(self.stage, self.model_config, self.config, self.precision,
+                                        None if self.plan is None else self.plan.device_capacity)
+        then = (f"then continue with python -m ebft_engine run --resume {self.record.dir} and that flag"
+                if resumable_fix else
+                "then start a new run with it (the finished numbers stay in this run's summary)")
+        return f"out of device memory in {self.where}; {fix}, {then}"
 
     def release(self) -> None:
         """After a failure: every block back on the host in the storage dtype, no gradients, the cache freed,
@@ -473,7 +476,7 @@ class _Run:
         yield self.emit(self._phase_done("data", "", t))
 
     def _evaluate(self, label: str) -> Iterator[Event]:
-        self.where = f"the evaluation of {label}"
+        self.stage, self.where = "eval", f"the evaluation of {label}"
         yield self.emit(PhaseStarted("eval", label))
         t = time.perf_counter()
         res = perplexity(self.adapter, self.eval_ids, self.eval_seqlen, self.precision,
@@ -492,7 +495,7 @@ class _Run:
         from . import zeroshot
 
         ev, p = self.config.eval, self.precision
-        self.where = f"the zero-shot evaluation of {label}"
+        self.stage, self.where = "zeroshot", f"the zero-shot evaluation of {label}"
         yield self.emit(PhaseStarted("zeroshot", label))
         t = time.perf_counter()
         try:
@@ -549,7 +552,7 @@ class _Run:
         if gp:  # the dense model's own stream: block i's target is the dense block on dense inputs
             dense_hidden = hidden.clone()
             for i, block in enumerate(list(adapter.blocks)[:start]):  # still dense here: restoring comes next
-                self.where = f"block {i} of the dense stream"
+                self.stage, self.where = "block", f"block {i} of the dense stream"
                 block.to(p.device)
                 dense_hidden, _ = self._forward(block, call, dense_hidden, keep=True)
                 block.to("cpu")
@@ -573,7 +576,7 @@ class _Run:
             if self.cancelled():
                 raise Cancelled()
             t_block = time.perf_counter()
-            self.where = f"block {i} of {label}"
+            self.stage, self.where = "block", f"block {i} of {label}"
             yield self.emit(BlockStarted(label, i, n_blocks))
             block.to(p.device)
             stats = StatsCollector(needs)
@@ -664,7 +667,7 @@ class _Run:
             if kept is not None:
                 self.kept[i] = kept
             if redo:
-                self.where = f"block {i} of {label} (restored)"
+                self.stage, self.where = "block", f"block {i} of {label} (restored)"
                 block.to(p.device)
                 hidden, _ = self._forward(block, call, hidden, keep=True)
                 block.to("cpu")
@@ -679,10 +682,12 @@ class _Run:
                             f"python -m ebft_engine run --resume {self.record.dir}") from None
 
     def _train(self, block, call, hidden, targets, masks, label, index):
+        self.stage = "train"
         gen = finetune_block(block, call, hidden, targets, masks, self.config.ebft, self.precision,
                              label=label, index=index, seed=self.config.seed * 100_003 + index,
                              cancelled=self.cancelled)
         result = yield from _emitting(gen, self.emit)
+        self.stage = "block"
         return result
 
     @torch.no_grad()
@@ -730,7 +735,7 @@ class _Run:
         if cfg.budget == "ebft" and budget is None:
             yield self.emit(Notice("warning", "lora.budget is ebft but EBFT did not run first in this run: LoRA "
                                               f"trains for {cfg.epochs} epochs instead"))
-        self.where = "the LoRA training"
+        self.stage, self.where = "lora", "the LoRA training"
         yield self.emit(PhaseStarted("lora", "lora"))
         t = time.perf_counter()
         with lora_adapters(self.model, cfg, structured=self.config.prune.structured) as peft_model:
@@ -777,7 +782,7 @@ class _Run:
         for i, block in enumerate(self.adapter.blocks):
             if self.cancelled():
                 raise Cancelled()
-            self.where = f"block {i} of OWL's dense pass"
+            self.stage, self.where = "block", f"block {i} of OWL's dense pass"
             block.to(p.device)
             stats = StatsCollector(frozenset({"input_norms"}))
             linears = self.adapter.linears(block)
@@ -801,7 +806,7 @@ class _Run:
     def _taylor(self, pruned: list[int]) -> Iterator[Event]:
         """LLM-Pruner's Taylor importance of every group in the blocks to prune, from the dense model."""
         cfg, p = self.config.prune, self.precision
-        self.where = "the importance pass of structured pruning"
+        self.stage, self.where = "importance", "the importance pass of structured pruning"
         t = time.perf_counter()
         ids = self.calib_ids[:cfg.taylor_samples, :cfg.taylor_seqlen]
         try:

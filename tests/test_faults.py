@@ -118,3 +118,31 @@ def test_a_plan_that_cannot_fit_is_refused_with_a_suggestion(tiny_run_config, mo
     assert events[-1].status == "failed"
     (error,) = _notices(events, "error")
     assert error.startswith("memory:") and "of host memory" in error and "--nsamples" in error
+
+
+def test_a_cublas_allocation_failure_is_out_of_memory_too(tiny_run_config, monkeypatch):
+    """cuBLAS and cuSOLVER raise a plain RuntimeError when their workspace cannot be allocated."""
+    _fail_at_block(monkeypatch, 1, RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    events = list(run(tiny_run_config))
+    (error,) = _notices(events, "error")
+    assert "out of device memory in block 1 of ebft" in error and "--batch-size" in error
+    assert "internal error" not in error and "--resume" in error
+
+
+@pytest.mark.parametrize("where,expected,unwanted", [
+    ("eval", "out of device memory in the evaluation of dense; use a shorter --eval-seqlen", "--batch-size"),
+    ("prune", "out of device memory in block 0 of ebft; try --activations host", "--batch-size"),
+])
+def test_the_remedy_is_the_one_for_the_stage_that_ran_out(tiny_run_config, monkeypatch, where, expected, unwanted):
+    """Only EBFT training reacts to --batch-size: an evaluation is told to use shorter windows (a new run), a
+    block's pruning pass to move activations to the host (which --resume may change)."""
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    target = {"eval": (pipeline_module, "perplexity"), "prune": (pipeline_module._Run, "_prune")}[where]
+    monkeypatch.setattr(*target, oom)
+    events = list(run(tiny_run_config))
+    assert events[-1].status == "failed"
+    (error,) = _notices(events, "error")
+    assert error.startswith(expected) and unwanted not in error
+    assert ("--resume" in error) == (where == "prune")
