@@ -97,7 +97,32 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, (_field, _type, help_text) in FLAGS.items():
         if flag not in ("--method", "--sparsity", "--pattern", "--baselines"):
             g.add_argument(flag, help=help_text)
+    pl = sub.add_parser("plan", help="will it fit? the memory plan of a run on a named GPU, from the model's "
+                                     "config alone (no weights, no GPU needed)",
+                        description="Each phase's device and host peak, the precision and attention kernel the "
+                                    "card gets, and a verdict with what to change when it does not fit.")
+    pl.add_argument("--config", help="YAML preset, e.g. assets/presets/llama-7b-paper.yaml")
+    pl.add_argument("--gpu", help="t4, v100-16, rtx4080-16, a100-40 or h100-80")
+    pl.add_argument("--gpu-memory", type=float, metavar="GIB", help="any other card's memory in GiB (sm80 or newer "
+                                                                   "unless --gpu names its kind)")
+    pl.add_argument("--host-memory", type=float, metavar="GIB", help="host RAM in GiB, to check the host peaks too")
+    for flag, (_field, _type, help_text) in FLAGS.items():
+        pl.add_argument(flag, help=help_text)
     return parser
+
+
+def plan_and_print(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    """``plan``: 0 when the run fits the card, 1 when it does not, 2 for bad input."""
+    from .cards import card_named, plan_text
+
+    try:
+        card = card_named(args.gpu, args.gpu_memory)
+        text, fits = plan_text(config_from_args(args), card, args.host_memory)
+    except EbftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text, file=out)
+    return 0 if fits else 1
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -115,6 +140,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "grid":
         return grid_and_print(args, out)
+    if args.command == "plan":
+        return plan_and_print(args, out)
     if args.resume:
         # how the remaining blocks fit in memory (RESUME_OVERRIDES), and where the summary also goes (--json-out)
         allowed = [flag for flag, (field, _t, _h) in FLAGS.items() if field in RESUME_OVERRIDES + OUTPUT_OVERRIDES]

@@ -64,14 +64,15 @@ def bf16_native(device: torch.device) -> bool:
     return False
 
 
-def pick_precision(device: torch.device, dtype: str, n_params: int) -> Precision:
+def pick_precision(device: torch.device, dtype: str, n_params: int, native_bf16: bool | None = None) -> Precision:
     """Resolve ``--dtype`` into storage and compute dtypes for this device and model size.
 
     ``auto`` holds small models in float32 and large ones in bfloat16 (float16 on GPUs without native bf16,
     see :func:`bf16_native`). Matmuls run under bf16 autocast wherever the device runs it natively (on these
     CPUs bf16 is ~2.5x faster), fp16 autocast with a gradient scaler on older GPUs (T4, V100, RTX 20xx).
+    ``native_bf16`` answers for a card that is not here (the plan command's ``--gpu``).
     """
-    half = torch.bfloat16 if bf16_native(device) else torch.float16
+    half = torch.bfloat16 if (bf16_native(device) if native_bf16 is None else native_bf16) else torch.float16
     if dtype == "auto":
         storage = torch.float32 if n_params <= SMALL_MODEL_PARAMS else half
     else:

@@ -1,0 +1,125 @@
+""""Will it fit?" without a GPU: the memory plan of a run on a named card (or any capacity), before any weight is
+read — ``python -m ebft_engine plan --config PRESET --gpu t4``.
+
+A card brings its memory and its compute capability; the capability decides the precision (bf16 from sm80,
+:func:`device.bf16_native`) and which attention kernel PyTorch's SDPA can use, the planner does the rest from
+the model's config alone. Memory is the total nvidia-smi reports for the card.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import RunConfig
+from .device import BF16_MIN_CAPABILITY, pick_precision
+from .errors import ConfigError
+from .models import check_architecture, count_params, load_config, resolve_source
+from .planner import DEVICE_HEADROOM, GiB, plan_memory, remedy
+
+MiB = 1024 ** 2
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    memory: int  # bytes
+    capability: tuple[int, int]  # CUDA compute capability
+
+    @property
+    def bf16(self) -> bool:
+        return self.capability >= BF16_MIN_CAPABILITY
+
+
+CARDS = {
+    "t4": Card("NVIDIA T4 16 GB", 15360 * MiB, (7, 5)),
+    "v100-16": Card("Tesla V100 16 GB", 16160 * MiB, (7, 0)),
+    "rtx4080-16": Card("GeForce RTX 4080 16 GB", 16376 * MiB, (8, 9)),
+    "a100-40": Card("A100 40 GB", 40960 * MiB, (8, 0)),
+    "h100-80": Card("H100 80 GB", 81559 * MiB, (9, 0)),
+}
+
+
+def card_named(gpu: str | None, gpu_memory: float | None) -> Card:
+    """The card for ``--gpu NAME`` or ``--gpu-memory GiB`` (an sm80+ card of that size); ConfigError otherwise."""
+    if gpu_memory is not None:
+        if gpu_memory <= 0:
+            raise ConfigError("gpu-memory", f"{gpu_memory:g} GiB is not a size", "give the card's memory in GiB, "
+                              "e.g. --gpu-memory 24")
+        capability = CARDS[gpu].capability if gpu in CARDS else BF16_MIN_CAPABILITY
+        return Card(f"a {gpu_memory:g} GiB card" + (f" ({gpu})" if gpu else ""), int(gpu_memory * GiB), capability)
+    if gpu is None or gpu not in CARDS:
+        raise ConfigError("gpu", f"{gpu!r} is not a card this planner knows",
+                          f"use one of {', '.join(CARDS)}, or --gpu-memory GiB for any other")
+    return CARDS[gpu]
+
+
+def attention_kernel(model_config, card: Card) -> str:
+    """Which SDPA kernel a block's attention gets on ``card``, as transformers calls it (no padding mask)."""
+    heads = model_config.num_attention_heads
+    kv = getattr(model_config, "num_key_value_heads", None) or heads
+    windowed = getattr(model_config, "sliding_window", None) is not None
+    if card.capability >= BF16_MIN_CAPABILITY:
+        return ("memory-efficient (the sliding-window mask rules out flash)" if windowed
+                else "flash attention")
+    if kv != heads and not windowed:
+        return ("math: before sm80 the memory-efficient kernel cannot take grouped-query attention, so scores "
+                "of batch x heads x seqlen^2 are materialised")
+    return "memory-efficient (no flash attention before sm80)"
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "model-configs"
+
+
+def _model_config(source):
+    """(the model's config, a note on where it came from): for a hub id the presets use, the copy shipped in
+    assets/model-configs/ORG--NAME.json (those public shapes do not change, and the plan then needs no network);
+    else the model's own config, read without its weights."""
+    shipped = SHIPPED_CONFIGS / (source.path.replace("/", "--") + ".json")
+    if source.gguf_file or Path(source.path).exists() or not shipped.is_file():
+        return load_config(source), ""
+    from transformers import AutoConfig
+
+    data = json.loads(shipped.read_text(encoding="utf-8"))
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    check_architecture(config)
+    return config, f"; its shape from {shipped.relative_to(SHIPPED_CONFIGS.parents[1])}"
+
+
+def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -> tuple[str, bool]:
+    """(the plan as text, whether it fits) for ``config`` on ``card``; reads the model's config only."""
+    source = resolve_source(config.model)
+    model_config, origin = _model_config(source)
+    n_params = count_params(model_config)
+    precision = pick_precision(torch.device("cuda"), config.dtype, n_params, native_bf16=card.bf16)
+    storage, compute = precision.storage, precision.compute
+    capacity = card.memory
+    host = int(host_memory * GiB) if host_memory else None
+    plan = plan_memory(model_config, config, precision, device_capacity=capacity, host_capacity=host,
+                       gguf=source.gguf_file is not None)
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    lines = [f"model: {config.model} ({n_params / 1e9:.2f}B parameters, {model_config.num_hidden_layers} blocks"
+             f"{origin})",
+             f"card: {card.name}, {capacity / GiB:.2f} GiB, compute capability {card.capability[0]}."
+             f"{card.capability[1]}",
+             f"precision: weights {name(storage)}, compute {name(compute) if compute else 'float32'}"
+             + ("" if card.bf16 or compute is None else " with a gradient scaler (no native bf16 before sm80)"),
+             f"attention kernel: {attention_kernel(model_config, card)}",
+             f"calibration activations: on the {plan.activations}", "",
+             "| phase | device | host |", "|---|---:|---:|"]
+    lines += [f"| {p.phase} | {p.device / GiB:.2f} GiB | {p.host / GiB:.2f} GiB |" for p in plan.phases]
+    lines.append("")
+    if plan.fits:
+        lines.append(f"verdict: fits (device peak {plan.peak_device / GiB:.2f} GiB of {capacity / GiB:.2f}, "
+                     f"{plan.peak_device / capacity:.0%}; host peak {plan.peak_host / GiB:.2f} GiB)")
+    else:
+        lines.append(f"verdict: does not fit: {plan.problem}; {remedy(plan, model_config, config, precision)}")
+    if attention_kernel(model_config, card).startswith("math"):
+        scores = config.ebft.batch_size * model_config.num_attention_heads * config.calib.seqlen ** 2 * (2 + 4)
+        lines.append(f"note: the math kernel's attention scores (about {scores / GiB:.2f} GiB per training batch: "
+                     "fp16 probabilities kept for backward and their fp32 softmax) are not in the table yet")
+    if plan.fits and plan.peak_device > capacity * DEVICE_HEADROOM:
+        lines.append(f"note: above {DEVICE_HEADROOM:.0%} of the card, where allocator fragmentation may bite")
+    return "\n".join(lines), plan.fits

@@ -1,0 +1,58 @@
+""""Will it fit?" without a GPU: `python -m ebft_engine plan --gpu CARD` plans from the model's config alone."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from ebft_engine.cli import main
+
+PAPER = "assets/presets/llama-7b-paper.yaml"
+
+
+def _plan(*args: str, capsys=None) -> tuple[int, str]:
+    out = io.StringIO()
+    code = main(["plan", "--config", PAPER, *args], out=out)
+    return code, out.getvalue()
+
+
+@pytest.mark.parametrize("card,precision,kernel", [
+    ("t4", "weights float16, compute float16 with a gradient scaler", "memory-efficient"),
+    ("v100-16", "weights float16, compute float16 with a gradient scaler", "memory-efficient"),
+    ("rtx4080-16", "weights bfloat16, compute bfloat16", "flash attention"),
+    ("a100-40", "weights bfloat16, compute bfloat16", "flash attention"),
+    ("h100-80", "weights bfloat16, compute bfloat16", "flash attention"),
+])
+def test_llama_7b_at_the_paper_settings_on_each_card(card, precision, kernel):
+    code, text = _plan("--gpu", card)
+    assert code == 0, text
+    assert f"precision: {precision}" in text and f"attention kernel: {kernel}" in text
+    assert "| ebft | 12.57 GiB |" in text and text.rstrip().splitlines()[-1].startswith("verdict: fits")
+    assert "huggyllama--llama-7b.json" in text  # the shape shipped for the preset's hub id: no network
+
+
+def test_a_card_too_small_gets_the_lever_that_fits_and_exit_1():
+    code, text = _plan("--gpu-memory", "12", "--activations", "device")
+    assert code == 1
+    assert text.rstrip().splitlines()[-1] == (
+        "verdict: does not fit: the ebft phase needs about 12.57 GiB on the cuda device, which has 12.00 GiB to "
+        "give; try --batch-size 2 (planned device peak 10.33 GiB)")
+
+
+def test_grouped_query_attention_before_sm80_takes_the_math_kernel_and_says_so():
+    code, text = _plan("--gpu", "t4", "--model", "meta-llama/Meta-Llama-3-8B")
+    assert code == 0 and "attention kernel: math" in text
+    assert "note: the math kernel's attention scores (about 1.50 GiB per training batch" in text
+
+
+def test_an_unknown_card_is_one_line_and_exit_2(capsys):
+    assert main(["plan", "--config", PAPER, "--gpu", "p100"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: gpu: 'p100' is not a card this planner knows; use one of t4, v100-16, rtx4080-16, "
+                   "a100-40, h100-80, or --gpu-memory GiB for any other"]
+
+
+def test_a_local_model_folder_is_planned_from_its_config(tiny_model_dir):
+    out = io.StringIO()
+    assert main(["plan", "--model", str(tiny_model_dir), "--gpu", "a100-40"], out=out) == 0
+    assert "2 blocks" in out.getvalue() and "verdict: fits" in out.getvalue()
