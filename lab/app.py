@@ -13,6 +13,7 @@ import spaces
 import yaml
 
 from ebft_engine import ConfigError, EbftError, RunConfig, resume, run
+from ebft_engine.cards import CARDS
 from ebft_engine.config import DSNOT_INITS, DSNOT_LAYERS, OWL_PREFIX, PRUNE_METHODS, RECOVERIES, STRUCTURED_METHODS
 from ebft_engine.events import BlockFinished, EvalFinished, RunFinished
 
@@ -306,14 +307,23 @@ def _archive(run_dir: str) -> str | None:
     return shutil.make_archive(str(target), "zip", run_dir)
 
 
+THIS_MACHINE = "this machine"
+
+
 def plan_run(*values) -> str:
-    """The memory planner's prediction for the current settings, before anything is loaded."""
+    """The memory planner's prediction for the current settings, before anything is loaded: on this machine, or
+    on a named card (the last value; the same card list as ``python -m ebft_engine plan --gpu``)."""
+    from ebft_engine.cards import CARDS, plan_text
     from ebft_engine.device import pick_device, pick_precision
     from ebft_engine.models import count_params, load_config, resolve_source
     from ebft_engine.planner import capacities, plan_memory, remedy
 
+    *values, card = values
     try:
         config = values_to_config(list(values))
+        if card in CARDS:
+            text, _fits = plan_text(config, CARDS[card])
+            return f"```\n{text}\n```"
         source = resolve_source(config.model)
         model_config = load_config(source)
         device = pick_device(config.device)
@@ -373,7 +383,10 @@ def build_app() -> gr.Blocks:
                             step_btn = gr.Button("Step", elem_id="step-btn")
                             stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
                         gr.Markdown("**Step** runs one block per click (for a classroom); **Stop** ends either kind of run.")
-                        plan_btn = gr.Button("Memory plan", elem_id="plan-btn")
+                        with gr.Row():
+                            plan_btn = gr.Button("Memory plan", elem_id="plan-btn")
+                            plan_card = gr.Dropdown([THIS_MACHINE, *CARDS], value=THIS_MACHINE, label="for",
+                                                    elem_id="plan-card", min_width=120)
                         plan_md = gr.Markdown(elem_id="plan")
                         export_btn = gr.Button("Download config as YAML")
                         yaml_file = gr.File(label="config", interactive=False)
@@ -428,7 +441,7 @@ def build_app() -> gr.Blocks:
         stop_btn.click(stop_run, None, notices, queue=False, api_name="stop",
                        cancels=[run_evt] if policy.on_zero_gpu() else None)
         export_btn.click(export_yaml, controls, [yaml_file, yaml_note], api_name="export_yaml")
-        plan_btn.click(plan_run, controls, plan_md, api_name="plan")
+        plan_btn.click(plan_run, [*controls, plan_card], plan_md, api_name="plan")
         history = [runs_df, chosen, to_resume]
         refresh_btn.click(refresh_history, None, history, api_name="history")
         compare_btn.click(compare_runs, chosen, [compare_plot, compare_df], api_name="compare")

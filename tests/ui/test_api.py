@@ -185,10 +185,13 @@ def test_memory_plan_before_a_run(lab_url):
     from gradio_client import Client
 
     client = Client(lab_url, verbose=False)
-    text = client.predict(*_values(), api_name="/plan")
+    text = client.predict(*_values(), "this machine", api_name="/plan")
     assert text.startswith("memory plan: host peak") and "fits" in text and "| ebft |" in text
-    bad = client.predict(*_values(**{"model": "/nowhere/model.gguf"}), api_name="/plan")
+    bad = client.predict(*_values(**{"model": "/nowhere/model.gguf"}), "this machine", api_name="/plan")
     assert bad.startswith("⚠️") and "Traceback" not in bad
+    # the same card list as `python -m ebft_engine plan --gpu`: a T4 gets fp16 with a gradient scaler
+    t4 = client.predict(*_values(), "t4", api_name="/plan")
+    assert "card: NVIDIA T4 16 GB" in t4 and "with a gradient scaler" in t4 and "verdict: fits" in t4
 
 
 def test_a_structured_run_from_the_controls_reports_the_smaller_model(lab_url):
