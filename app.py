@@ -13,4 +13,11 @@ if __name__ == "__main__":
         raise SystemExit(2) from None
     from lab.app import main
 
-    main(options)
+    try:
+        main(options)
+    except OSError as e:  # Gradio's "Cannot find empty port": another lab (or anything) listens there
+        if "port" not in str(e).lower():
+            raise
+        print(f"error: GRADIO_SERVER_PORT: port {options['server_port']} on {options['server_name']} is in use; "
+              "set GRADIO_SERVER_PORT to a free port, e.g. GRADIO_SERVER_PORT=7861 python app.py", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -20,7 +20,8 @@ from .pipeline import OUTPUT_OVERRIDES, RESUME_OVERRIDES, resume, run
 
 # flag -> dotted config field
 FLAGS: dict[str, tuple[str, type, str]] = {
-    "--model": ("model", str, "hub id, local folder, .gguf file, or smollm2-135m (the embedded default)"),
+    "--model": ("model", str, "hub id, local folder, .gguf file, smollm2-135m (the embedded default), or tiny-random "
+                         "(a random 4-block LLaMA, for trying the tool)"),
     "--method": ("prune.method", str, f"initial pruning method: {', '.join(PRUNE_METHODS)}, or owl-<method>"),
     "--sparsity": ("prune.sparsity", float, "fraction of weights removed per linear layer, in [0, 1); with "
                                             "llm-pruner, of all blocks' weights"),
@@ -173,6 +174,9 @@ def run_and_print(config: RunConfig | None, quiet: bool = False, out: TextIO = s
     except EbftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # during the checks before the run: no folder was made, nothing to resume
+        print("cancelled before the run started", file=sys.stderr)
+        return 130
     try:
         printer.show(first)
         for event in events:

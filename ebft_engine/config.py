@@ -93,6 +93,12 @@ class PruneConfig:
     taylor_samples: int = 10
     taylor_seqlen: int = 64
 
+    @property
+    def default_sparsity(self) -> float:
+        """The sparsity when none is given: 0.2 structured (LLM-Pruner's), 1 - N/M for N:M, else 0.5."""
+        nm = parse_pattern(self.pattern)
+        return 0.2 if self.pattern == STRUCTURED else 0.5 if nm is None else 1 - nm[0] / nm[1]
+
     def __post_init__(self):
         if self.method in STRUCTURED_METHODS and self.pattern == "unstructured":
             object.__setattr__(self, "pattern", STRUCTURED)  # llm-pruner is structured: no need to say it twice
@@ -122,7 +128,7 @@ class PruneConfig:
             raise ConfigError("prune.pattern", f"{self.method} removes whole heads and channels and cannot make "
                               f"the {self.pattern} pattern", "leave --pattern out (or set it to structured)")
         if self.sparsity is None:
-            object.__setattr__(self, "sparsity", 0.2 if self.structured else 0.5 if nm is None else 1 - nm[0] / nm[1])
+            object.__setattr__(self, "sparsity", self.default_sparsity)
         s = self.sparsity
         if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s < 1):
             raise ConfigError("prune.sparsity", f"{s!r} is outside [0, 1)",
@@ -385,8 +391,17 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def with_overrides(self, overrides: dict[str, Any]) -> RunConfig:
-        """Return a copy with dotted-name fields replaced, e.g. ``{"prune.sparsity": 0.7}``."""
+        """Return a copy with dotted-name fields replaced, e.g. ``{"prune.sparsity": 0.7}``.
+
+        A sparsity that was never chosen (the default of the method and pattern) follows a new method or pattern:
+        ``RunConfig().with_overrides({"prune.method": "llm-pruner"})`` prunes 20%, as the same config written
+        whole would.
+        """
         data = self.to_dict()
+        keys = {str(k) for k in overrides}
+        if keys & {"prune.method", "prune.pattern"} and "prune.sparsity" not in keys and \
+                self.prune.sparsity == self.prune.default_sparsity:
+            data["prune"]["sparsity"] = None
         for key, value in overrides.items():
             node = data
             *parents, leaf = str(key).split(".")

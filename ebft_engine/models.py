@@ -93,6 +93,9 @@ def resolve_source(spec: str) -> ModelSource:
         if not path.is_file():
             raise ModelLoadError(f"model: GGUF file {spec!r} does not exist; check the path")
         return ModelSource(spec, str(path.parent), path.name)
+    if not path.exists() and (spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1):
+        # a hub id is NAME or ORG/NAME: this is a path, and nothing is there
+        raise ModelLoadError(f"model: {spec!r} does not exist; check the path (a hub id is ORG/NAME)")
     if path.exists() and not path.is_dir():
         raise ModelLoadError(f"model: {spec!r} is a file but not a .gguf; give a model folder, a .gguf file "
                              "or a hub id")

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from .config import RunConfig
-from .data import calibration_tokens, evaluation_tokens, self_cache_path
+from .data import calibration_tokens, evaluation_tokens, read_text_file, self_cache_path
 from .device import Precision, check_finite, non_finite, pick_device, pick_precision
-from .errors import Cancelled, ConfigError, EbftError, ModelLoadError
+from .errors import Cancelled, ConfigError, EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                      RunFinished, RunStarted, ZeroShotFinished)
 from .evaluate import INFER_BATCH, perplexity
@@ -65,8 +65,8 @@ def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None =
             partial summary is still written, with status ``cancelled``, and the run can be resumed.
 
     Raises:
-        ConfigError: before any event and before a run folder exists, if the model's config rules the settings
-            out (see preflight), or if the run folder cannot be written.
+        EbftError: before any event and before a run folder exists, for what :func:`preflight` refuses
+            (ConfigError, ModelLoadError, DataError), or if the run folder cannot be written.
     """
     preflight(config)
     record = RunRecord(config.runs_dir, new_run_id())
@@ -74,16 +74,16 @@ def run(config: RunConfig, cancel: threading.Event | Callable[[], bool] | None =
 
 
 def preflight(config: RunConfig) -> None:
-    """Check the run against its model's config (context length, N:M widths, structured pruning's blocks),
-    read cheaply with no weights, before a run folder exists; raise ConfigError saying what to change.
-
-    A model whose config cannot be read here is left to the load phase, which reports why in the run's record.
-    """
-    try:
-        source = resolve_source(config.model)
-        model_config = load_config(source)
-    except ModelLoadError:
-        return
+    """Refuse, before a run folder exists, what can be known wrong without a weight: a device that is not here,
+    a text file that is not there, a model whose config cannot be read (a path that does not exist, a folder
+    without config.json, a hub id out of reach: ModelLoadError), and settings the model's config rules out
+    (context length, N:M widths, structured pruning's blocks: ConfigError)."""
+    pick_device(config.device)
+    for field, source in (("calib.source", config.calib.source), ("eval.source", config.eval.source)):
+        if source.startswith("file:"):
+            read_text_file(source, field)  # DataError: missing, unreadable or empty
+    source = resolve_source(config.model)
+    model_config = load_config(source)
     check_against_model(config, model_config, read_structure(source))
 
 

@@ -85,6 +85,17 @@ def pattern_for_method(method: str, pattern: str) -> Any:
     return "unstructured" if pattern == "structured" else gr.skip()
 
 
+def sparsity_for_pattern(pattern: str) -> Any:
+    """An N:M pattern fixes the sparsity (1 - N/M): the slider shows it, so the run does what the page says."""
+    from ebft_engine.config import parse_pattern
+
+    try:
+        nm = parse_pattern(pattern)
+    except ConfigError:
+        return gr.skip()
+    return gr.skip() if nm is None else round(1 - nm[0] / nm[1], 4)
+
+
 def config_to_values(config: RunConfig) -> list[Any]:
     d = config.to_dict()
     values = []
@@ -110,8 +121,6 @@ def values_to_config(values: list[Any], base: RunConfig | None = None) -> RunCon
     fields["eval.seqlen"] = _whole(fields["eval.seqlen"]) or None
     for name in ("calib.nsamples", "calib.seqlen", "ebft.epochs", "ebft.batch_size", "seed", "lora.rank"):
         fields[name] = _whole(fields[name])
-    if fields["prune.pattern"] not in ("unstructured", "structured"):
-        fields["prune.sparsity"] = None  # N:M fixes the sparsity
     for name in ("prune.keep_first", "prune.keep_last", "prune.taylor_samples", "prune.taylor_seqlen",
                  "calib.self_nsamples"):
         fields[name] = _whole(fields[name])
@@ -433,6 +442,8 @@ def build_app() -> gr.Blocks:
         method_box = controls[CONTROL_FIELDS.index("prune.method")]
         pattern_box = controls[CONTROL_FIELDS.index("prune.pattern")]
         method_box.change(pattern_for_method, [method_box, pattern_box], pattern_box, queue=False)
+        pattern_box.change(sparsity_for_pattern, pattern_box, controls[CONTROL_FIELDS.index("prune.sparsity")],
+                           queue=False)
         run_evt = run_btn.click(start_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="run",
                       show_progress="hidden")
         step_btn.click(step_run, controls, outputs, concurrency_id=GPU, concurrency_limit=1, api_name="step",

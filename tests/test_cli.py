@@ -44,12 +44,13 @@ def test_cli_run_on_tiny_model_prints_table(tiny_run_config, tmp_path):
     assert set(json.loads((tmp_path / "s.json").read_text())["ppl"]) == {"dense", "wanda", "ebft"}
 
 
-def test_missing_model_fails_with_message(tiny_run_config, tmp_path):
+def test_missing_model_is_bad_input_with_one_line(tiny_run_config, tmp_path, capsys):
     out = io.StringIO()
     code = main(["run", "--model", str(tmp_path / "nowhere.gguf"), "--runs-dir", str(tmp_path / "runs"),
                  "--quiet"], out=out)
-    assert code == 1
-    assert "GGUF file" in out.getvalue() and "does not exist" in out.getvalue()
+    assert code == 2 and not (tmp_path / "runs").exists()  # refused before a run folder exists
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "GGUF file" in err[0] and "does not exist" in err[0]
 
 
 def _start_long_run(config, tmp_path):

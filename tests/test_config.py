@@ -79,3 +79,26 @@ def test_presets_load():
     assert (paper.calib.source, paper.calib.nsamples, paper.calib.seqlen) == ("c4", 256, 1024)
     assert (paper.ebft.lr, paper.ebft.epochs, paper.ebft.batch_size, paper.ebft.weight_decay) == (2e-4, 10, 8, 0.1)
     assert paper.eval.seqlen == 2048
+
+
+@pytest.mark.parametrize("overrides,sparsity", [
+    ({"prune.method": "llm-pruner"}, 0.2),
+    ({"prune.pattern": "3:8"}, 0.625),
+    ({"prune.pattern": "1:4"}, 0.75),
+    ({"prune.sparsity": 0.7, "prune.method": "sparsegpt"}, 0.7),
+])
+def test_a_sparsity_never_chosen_follows_the_method_and_pattern(overrides, sparsity):
+    """The CLI builds its config as defaults plus flags: `--method llm-pruner` alone must prune LLM-Pruner's 20%
+    (it pruned 50%), `--pattern 3:8` alone 62.5% (it was refused), as the same config written whole does."""
+    assert RunConfig().with_overrides(overrides).prune.sparsity == pytest.approx(sparsity)
+    assert RunConfig().with_overrides({"prune.sparsity": 0.3}).with_overrides(
+        {"prune.method": "sparsegpt"}).prune.sparsity == 0.3  # a chosen sparsity stays
+
+
+def test_the_cli_prunes_llm_pruners_default_share():
+    from ebft_engine.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["run", "--method", "llm-pruner"])
+    assert config_from_args(args).prune.sparsity == 0.2
+    args = build_parser().parse_args(["run", "--pattern", "3:8"])
+    assert config_from_args(args).prune.sparsity == pytest.approx(0.625)

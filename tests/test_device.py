@@ -50,3 +50,18 @@ def test_a_bad_port_is_one_line_and_exit_2(port):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: GRADIO_SERVER_PORT:") and "7861" in lines[0]
+
+
+def test_a_busy_port_is_one_line_and_exit_2():
+    import os
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "GRADIO_SERVER_PORT": str(port)}
+        done = subprocess.run([sys.executable, "app.py"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: GRADIO_SERVER_PORT: port {port} on 127.0.0.1 is in use")

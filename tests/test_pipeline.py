@@ -110,12 +110,41 @@ def test_consumer_closing_the_generator_records_cancelled(tiny_run_config):
 
 
 def test_failure_is_reported_as_events_not_traceback(tiny_run_config, tmp_path):
-    (tmp_path / "not-a-model").mkdir()
-    config = tiny_run_config.with_overrides({"model": str(tmp_path / "not-a-model")})
-    events = _collect(config)
+    """A model whose config reads but whose weights do not load fails inside the run, as events."""
+    import shutil
+
+    broken = tmp_path / "no-weights"
+    shutil.copytree(tiny_run_config.model, broken)
+    for f in broken.glob("*.safetensors"):
+        f.unlink()
+    events = _collect(tiny_run_config.with_overrides({"model": str(broken)}))
     assert events[-1].status == "failed"
     notice = [e for e in events if e.kind == "notice" and e.level == "error"][0]
-    assert "has no config.json" in notice.text
+    assert notice.text.startswith("model: could not load") and "Traceback" not in notice.text
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"model": "/nowhere/model"}, "model: '/nowhere/model' does not exist; check the path"),
+    ({"model": "./no-such-folder"}, "model: './no-such-folder' does not exist"),
+    ({"model": "NOT-A-MODEL-DIR"}, None),  # filled in below: a folder without config.json
+    ({"eval.source": "file:/nonexistent.txt"}, "eval.source: file '/nonexistent.txt' does not exist"),
+    ({"device": "cuda"}, "device: 'cuda' was asked for but no CUDA GPU is visible"),
+])
+def test_what_is_missing_is_refused_before_a_run_folder_exists(tiny_run_config, tmp_path, overrides, words):
+    """A model path, a text file or a device that is not there is bad input: one line, no run folder."""
+    from pathlib import Path
+
+    from ebft_engine import EbftError
+
+    if overrides.get("model") == "NOT-A-MODEL-DIR":
+        (tmp_path / "not-a-model").mkdir()
+        overrides, words = {"model": str(tmp_path / "not-a-model")}, "has no config.json"
+    if overrides.get("device") == "cuda" and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    with pytest.raises(EbftError) as info:
+        _collect(tiny_run_config.with_overrides(overrides))
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert not Path(tiny_run_config.runs_dir).exists() or not any(Path(tiny_run_config.runs_dir).iterdir())
 
 
 @pytest.mark.parametrize("overrides, words", [

@@ -51,3 +51,22 @@ def test_every_preset_round_trips_through_the_controls():
         config = load_preset(name)
         again = values_to_config(config_to_values(config), base=config)
         assert again.with_overrides({"runs_dir": config.runs_dir}) == config
+
+
+def test_the_sparsity_slider_follows_an_n_m_pattern_and_a_mismatch_is_refused():
+    """The lab ran 2:4 at 50% while its slider showed 70%: now the slider follows the pattern, and a slider moved
+    away from it afterwards is refused with the engine's words instead of being dropped silently."""
+    import gradio as gr
+
+    from ebft_engine import RunConfig
+    from lab.app import CONTROL_FIELDS, sparsity_for_pattern
+
+    assert sparsity_for_pattern("2:4") == 0.5 and sparsity_for_pattern("1:4") == 0.75
+    assert isinstance(sparsity_for_pattern("unstructured"), type(gr.skip()))
+    values = config_to_values(RunConfig.from_dict({"model": "tiny-random"}))
+    values[CONTROL_FIELDS.index("prune.pattern")] = "2:4"
+    values[CONTROL_FIELDS.index("prune.sparsity")] = 0.7
+    with pytest.raises(ConfigError, match="prune.sparsity: 0.7 disagrees with pattern 2:4"):
+        values_to_config(values)
+    values[CONTROL_FIELDS.index("prune.sparsity")] = sparsity_for_pattern("2:4")
+    assert values_to_config(values).prune.sparsity == 0.5
