@@ -42,6 +42,14 @@ def _block(seqlen: int, sparsity: float, nsamples: int = 8):
     return block, call, inputs, targets, masks
 
 
+def _model(layers: int):
+    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
 def test_fp16_training_lowers_the_loss_and_keeps_zeros_after_every_step():
     assert FP16.needs_scaler
     block, call, inputs, targets, masks = _block(32, 0.6)
@@ -86,11 +94,7 @@ def test_lora_trains_through_a_gradient_scaler_in_fp16(monkeypatch):
     used = []
     scale = torch.amp.GradScaler.scale
     monkeypatch.setattr(torch.amp.GradScaler, "scale", lambda self, loss: used.append(1) or scale(self, loss))
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model = _model(layers=2)
     ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
     cfg = LoraConfig(lr=1e-2, epochs=6, budget="epochs", targets="q_proj,v_proj,down_proj")
     with lora_adapters(model, cfg) as peft_model:
@@ -110,11 +114,7 @@ def test_fp16_taylor_importance_is_scaled_then_unscaled(monkeypatch, start):
     every group sum: the scores are the float32 pass's, to float16's precision."""
     from ebft_engine.sparsity import structured as st
 
-    config = LlamaConfig(vocab_size=260, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    model = _model(layers=3)
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
     reference = st.taylor_importance(model, model.model.layers, [1], ids, Precision(CPU, torch.float32, None))[1]
     monkeypatch.setattr(st, "FP16_TAYLOR_SCALE", start)
