@@ -2,6 +2,7 @@
 
     python bench/memory.py            # SmolLM2 demo preset measured in a fresh process (~5 min on 2 cores)
     python bench/memory.py --plan-only
+    python bench/memory.py --block-7b  # one LLaMA-7B-width block's prune pass and EBFT steps (~5 min)
 
 1. A fresh process runs the smollm2-demo preset; at each phase start it returns freed heap to the kernel
    (malloc_trim), resets the kernel's peak-RSS mark (/proc/self/clear_refs) and the CUDA peak counter, and at each phase end reads them (VmHWM; CUDA max
@@ -10,6 +11,13 @@
    calibration tokens, batch 8, bf16) on a 16 GB GPU.
 
 The last line is ``planner_max_error: X%`` over the measured phases (target: within 15%).
+
+3. ``--block-7b``: a LLaMA-7B-width block (hidden 4096, MLP 11008, 32 heads) through the block loop's steps on
+   the CPU, every live tensor counted by bench/block_memory.py's TorchDispatchMode whatever the device: a
+   SparseGPT baseline's prune pass, and EBFT from SparseGPT's masks (two training steps of 8 x 1024 tokens, so
+   AdamW's state is live during the second), against the planner's device figure for a GPU run of the same
+   settings. ``--nsamples`` calibration sequences (16: the streams are exact arithmetic, N x seqlen x hidden
+   x 2 bytes each, and 256 would take an hour on 2 cores). Last line: ``planner_block_7b_error: X%`` (target 10%).
 """
 from __future__ import annotations
 
@@ -103,13 +111,35 @@ def _hwm() -> float:
     return 0.0
 
 
+def block_7b(nsamples: int) -> None:
+    from bench.block_memory import measure
+
+    shape = {k: v for k, v in SEVEN_B["LLaMA-7B"].items() if k in ("hidden_size", "intermediate_size",
+                                                                    "num_attention_heads")}
+    result = measure(shape, nsamples=nsamples, seqlen=1024, batch=8, steps=2)
+    print(f"one LLaMA-7B-width block, {nsamples} x 1024 calibration tokens, batch 8, bf16 (GiB):")
+    print(f"  {'phase':7} {'measured':>9} {'planned':>9} {'error':>7}")
+    worst = 0.0
+    for phase, r in result.items():
+        error = (r["planned"] - r["measured"]) / r["measured"]
+        worst = max(worst, abs(error))
+        print(f"  {phase:7} {r['measured'] / GiB:9.3f} {r['planned'] / GiB:9.3f} {error:+7.1%}   (segments: "
+              + ", ".join(f"{x / GiB:.3f}" for x in r["segments"]) + ")")
+    print(f"planner_block_7b_error: {worst:.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--plan-only", action="store_true")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--block-7b", action="store_true", help="measure one LLaMA-7B-width block (see above)")
+    parser.add_argument("--nsamples", type=int, default=16, help="calibration sequences for --block-7b")
     args = parser.parse_args()
     if args.child:
         child()
+        return
+    if args.block_7b:
+        block_7b(args.nsamples)
         return
     from transformers import LlamaConfig
 

@@ -226,16 +226,22 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
         # On the host: the pruned copy kept for a roll-back, and (where storage is not float32) nothing else:
         # the float32 block lives on the device.
         host_extra = pb * 4
-        # the block is pruned first (its statistics freed before it trains): the larger of the two moments
-        ebft_prune = pb * sb + pb + (hessian_bytes if needs_hessian.get(cfg.prune.method) else 0) + \
-            inference(INFER_BATCH * cfg.calib.seqlen)
-        train = max(train, ebft_prune)
         if on_gpu:
-            phases.append(PhasePlan("ebft", train + (ebft_acts if acts == "device" else 0),
-                                    base + host_extra + (ebft_acts if acts == "host" else 0),
+            # A block's moments, in the order the loop runs them, each with what is live then (bench/memory.py
+            # --block-7b measures them): the statistics pass and the masks (inputs and dense targets); training
+            # (inputs, targets; the statistics freed); the propagation (the block back in its storage dtype, its
+            # outputs a third stream). The third stream and the training state never coexist.
+            infer = inference(INFER_BATCH * cfg.calib.seqlen)
+            pruning = pb * sb + pb + (hessian_bytes if needs_hessian.get(cfg.prune.method) else 0) + infer
+            on_device = act if acts == "device" else 0  # one stream's bytes on the device
+            peak = max(pruning + 2 * on_device, train + 2 * on_device, pb * sb + pb + infer + 3 * on_device)
+            phases.append(PhasePlan("ebft", peak, base + host_extra + (ebft_acts if acts == "host" else 0),
                                     {"training state": state, "autograd": saved + backward,
                                      "activations": ebft_acts}))
         else:
+            ebft_prune = pb * sb + pb + (hessian_bytes if needs_hessian.get(cfg.prune.method) else 0) + \
+                inference(INFER_BATCH * cfg.calib.seqlen)
+            train = max(train, ebft_prune)
             float_copy = pb * 4 if sb != 4 else 0  # block.float() copies a half-precision block
             phases.append(PhasePlan("ebft", 0, base + ebft_acts + train - pb * 4 * (sb == 4) + float_copy
                                     + host_extra, {"training state": state, "autograd": saved + backward,
