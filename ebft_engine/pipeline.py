@@ -128,16 +128,11 @@ def _check_nm_widths(pattern: str, m: int, model_config, structure: list | None)
     """N:M groups run along a layer's input columns: every pruned layer's input width must be a multiple of M
     (q/k/v, gate/up read the hidden size, o_proj the heads' width, down_proj the MLP's)."""
     heads = model_config.num_attention_heads
-    hd = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    dense = {name: n_in for name, (n_in, _out) in st.dense_shapes(model_config).items()}
+    hd = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads  # for the message
     widths: dict[tuple[str, int], list[int]] = {}  # (layer, input width) -> blocks
     for i in range(model_config.num_hidden_layers):
-        counts = structure[i] if structure and i < len(structure) and isinstance(structure[i], dict) else {}
-        for name, n_in in dense.items():
-            if name == "o_proj" and "heads" in counts:
-                n_in = int(counts["heads"]) * hd
-            elif name == "down_proj" and "channels" in counts:
-                n_in = int(counts["channels"])
+        counts = structure[i] if structure and i < len(structure) and isinstance(structure[i], dict) else None
+        for name, (n_in, _out) in st.dense_shapes(model_config, counts).items():
             widths.setdefault((name, n_in), []).append(i)
     bad: dict[tuple[int, tuple[int, ...], str], list[str]] = {}  # (width, blocks, why) -> layers reading it
     for (name, n_in), blocks in widths.items():
