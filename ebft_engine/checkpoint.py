@@ -117,9 +117,9 @@ class Checkpoints:
         data = torch.load(self._path(label, index), map_location="cpu", weights_only=True)
         structure = data.pop(STRUCTURE_KEY, None)
         if structure is not None:
-            from .sparsity.structured import BlockStructure, shrink
+            from .models import BlockStructure, adapter_for_block
 
-            shrink(block, BlockStructure.from_dict(structure))
+            adapter_for_block(block).shrink(block, BlockStructure.from_dict(structure))
         state = {name: unpack(entry) for name, entry in data.items()}
         with torch.no_grad():
             for name, tensor in block.state_dict().items():

