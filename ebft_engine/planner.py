@@ -36,7 +36,7 @@ import torch
 from .config import RunConfig
 from .device import Precision
 from .evaluate import EVAL_BATCH, HEAD_CHUNK, INFER_BATCH
-from .models import CACHE_MAX_PARAMS, block_params
+from .models import CACHE_MAX_PARAMS, block_params, count_params, projection_shapes
 
 GiB = 1024 ** 3
 RUNTIME_BYTES = 480 * 1024 ** 2  # python + torch + transformers + datasets, resident (bench/memory.py measures it)
@@ -54,20 +54,16 @@ class Shape:
     vocab: int
     tied: bool
     block_params: int  # one block's weights (models.block_params: q and o follow head_dim, not hidden)
+    params: int  # the whole model's (models.count_params)
 
     @classmethod
     def of(cls, config: Any) -> Shape:
-        heads = config.num_attention_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(hidden=config.hidden_size, intermediate=config.intermediate_size, kv=kv_heads * head_dim,
+        """Widths from the model family's projection shapes (models.shapes: the one home of that arithmetic)."""
+        shapes = projection_shapes(config)
+        return cls(hidden=shapes["k_proj"][0], intermediate=shapes["gate_proj"][1], kv=shapes["k_proj"][1],
                    layers=config.num_hidden_layers, vocab=config.vocab_size,
-                   tied=bool(getattr(config, "tie_word_embeddings", False)), block_params=block_params(config))
-
-    @property
-    def params(self) -> int:
-        head = 0 if self.tied else self.vocab * self.hidden
-        return self.vocab * self.hidden + head + self.layers * self.block_params + self.hidden
+                   tied=bool(getattr(config, "tie_word_embeddings", False)), block_params=block_params(config),
+                   params=count_params(config))
 
 
 @dataclass(frozen=True)
