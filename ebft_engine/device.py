@@ -107,3 +107,40 @@ def check_finite(t: torch.Tensor, precision: Precision, what: str) -> None:
     """Raise :func:`non_finite` when ``t`` holds inf or NaN."""
     if not bool(torch.isfinite(t).all()):
         raise non_finite(precision, what)
+
+
+def capacities(device: torch.device) -> tuple[int | None, int | None]:
+    """(device bytes this process may use, host bytes available) right now; None where unknown."""
+    host = _meminfo("MemAvailable")
+    if host is not None:
+        host += _rss()  # what this process already holds counts as available to it
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(index)
+        usable = min(free + torch.cuda.memory_reserved(index), total)
+        try:  # a cap set with torch.cuda.set_per_process_memory_fraction (e.g. to act as a 16 GB card)
+            usable = min(usable, total * torch.cuda.get_per_process_memory_fraction(index))
+        except (AttributeError, RuntimeError):
+            pass
+        return int(usable), host
+    return None, host
+
+
+def _meminfo(key: str) -> int | None:
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _rss() -> int:
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

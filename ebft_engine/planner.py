@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig
-from .device import Precision
+from .device import Precision, capacities  # noqa: F401  (capacities: callers import it from here)
 from .evaluate import EVAL_BATCH, HEAD_CHUNK, INFER_BATCH
 from .models import CACHE_MAX_PARAMS, block_params, count_params, projection_shapes
 
@@ -155,104 +155,154 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
                       device_capacity=device_capacity, host_capacity=host_capacity)
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What every phase's estimate reads: the model's shape, the run, the precision and the shared terms."""
+
+    s: Shape
+    cfg: RunConfig
+    p: Precision
+    acts: str  # where calibration activations live: "device" or "host"
+    sb: int  # storage bytes per weight
+    on_gpu: bool
+    model: int  # the model's bytes
+    base: int  # host bytes held throughout: runtime, model, dense snapshot
+    act: int  # one stream of calibration activations
+    autocast: int  # 1 under autocast, 2 without (autograd keeps float32 activations)
+    hessian_bytes: int  # one block's Hessians while the inverse is factorised
+    needs_hessian: dict[str, bool]  # by pruning method
+
+    def inference(self, tokens: int) -> int:  # transient of one no-grad block call: q,k,v,attention out, MLP
+        return tokens * (4 * (4 * self.s.hidden + 2 * self.s.kv) + 4 * 3 * self.s.intermediate)
+
+    def saved(self, tokens: int) -> int:  # what autograd keeps for one block's backward over ``tokens``
+        return self.autocast * tokens * (30 * self.s.hidden + 8 * self.s.intermediate + 4 * self.s.kv)
+
+    def backward(self, tokens: int) -> int:  # the backward pass's transient gradients of the widest activations
+        return tokens * (12 * self.s.intermediate + 8 * self.s.hidden)
+
+
 def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool) -> list[PhasePlan]:
     sb = p.storage.itemsize
-    h, f, kv, pb = s.hidden, s.intermediate, s.kv, s.block_params
-    on_gpu = p.device.type != "cpu"
+    h, f, pb = s.hidden, s.intermediate, s.block_params
     model = s.params * sb
     snapshot = s.layers * pb * sb if s.params <= CACHE_MAX_PARAMS else 0
-    act = cfg.calib.total * cfg.calib.seqlen * h * sb
-    base = RUNTIME_BYTES + model + snapshot
-    autocast = 1 if p.compute is not None else 2
+    # Hessians for whichever method reads them (from the registry: sparsegpt, sparsegpt-mask, owl-sparsegpt,
+    # DSnoT started from a SparseGPT mask), while a block is pruned: in a baseline's pass and in EBFT's own
+    run = _Run(s, cfg, p, acts, sb, on_gpu=p.device.type != "cpu", model=model,
+               base=RUNTIME_BYTES + model + snapshot, act=cfg.calib.total * cfg.calib.seqlen * h * sb,
+               autocast=1 if p.compute is not None else 2, hessian_bytes=3 * (3 * h * h + f * f) * 4,
+               needs_hessian={m: "hessian" in _statistics(m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}})
+    phases = [PhasePlan("load", 0, RUNTIME_BYTES + model + (model if gguf else 0), {"model": model}),
+              _data_phase(run, calib_cached), _eval_phase(run)]
+    if cfg.prune.structured:
+        phases.append(_importance_phase(run))
+    phases.append(_prune_phase(run))
+    if cfg.ebft.epochs > 0:
+        phases.append(_ebft_phase(run) if run.on_gpu else _ebft_phase_cpu(run))
+    if "lora" in cfg.recoveries:
+        phases.append(_lora_phase(run))
+    return phases
 
-    def inference(tokens: int) -> int:  # transient of one no-grad block call: q,k,v,attention out, MLP hiddens
-        return tokens * (4 * (4 * h + 2 * kv) + 4 * 3 * f)
 
-    phases = []
-    load_transient = model if gguf else 0
-    phases.append(PhasePlan("load", 0, RUNTIME_BYTES + model + load_transient, {"model": model}))
-
+def _data_phase(r: _Run, calib_cached: bool) -> PhasePlan:
+    cfg, s = r.cfg, r.s
     gen = 0
     generated = cfg.calib.nsamples if cfg.calib.source == "self" else cfg.calib.self_nsamples
     if generated and not calib_cached:
         # generation runs a bfloat16 copy of the model with a KV cache over all sequences of a batch
         copy = s.params * 2
-        kv_cache = min(generated, 32) * cfg.calib.seqlen * s.layers * 2 * kv * 2
+        kv_cache = min(generated, 32) * cfg.calib.seqlen * s.layers * 2 * s.kv * 2
         gen = copy + kv_cache + min(generated, 32) * s.vocab * 4 * 2
-    phases.append(PhasePlan("data", gen if on_gpu else 0, base + (0 if on_gpu else gen), {"generation": gen}))
+    return PhasePlan("data", gen if r.on_gpu else 0, r.base + (0 if r.on_gpu else gen), {"generation": gen})
 
-    eval_seqlen = cfg.eval.seqlen or 2048
-    eval_hidden = _eval_windows(cfg, eval_seqlen) * eval_seqlen * h * sb
-    eval_dev = pb * sb + s.vocab * h * sb + inference(EVAL_BATCH * eval_seqlen) + HEAD_CHUNK * s.vocab * 4 * 3
-    phases.append(PhasePlan("eval", eval_dev if on_gpu else 0,
-                            base + eval_hidden + (0 if on_gpu else inference(EVAL_BATCH * eval_seqlen)),
-                            {"hidden states": eval_hidden}))
 
-    if cfg.prune.structured:
-        # LLM-Pruner's importance pass: the whole model on the device, one backward of the language-model loss
-        # over a few short sequences; each weight's gradient is reduced to its group sums and dropped at once
-        tokens = cfg.prune.taylor_samples * cfg.prune.taylor_seqlen
-        # activation checkpointing: every block's input, and one block's saved tensors while it is recomputed
-        saved = tokens * h * sb * s.layers + autocast * tokens * (30 * h + 8 * f + 4 * kv)
-        logits = tokens * s.vocab * (2 + 4 + 4)
-        grads = 3 * h * f * 4  # the widest weight's gradient and its float32 product with the weight
-        taylor = saved + logits + grads + tokens * (12 * f + 8 * h)
-        phases.append(PhasePlan("importance", model + taylor if on_gpu else 0, base + (0 if on_gpu else taylor),
-                                {"autograd": saved, "logits": logits}))
+def _eval_phase(r: _Run) -> PhasePlan:
+    s, sb, h = r.s, r.sb, r.s.hidden
+    eval_seqlen = r.cfg.eval.seqlen or 2048
+    eval_hidden = _eval_windows(r.cfg, eval_seqlen) * eval_seqlen * h * sb
+    eval_dev = (s.block_params * sb + s.vocab * h * sb + r.inference(EVAL_BATCH * eval_seqlen)
+                + HEAD_CHUNK * s.vocab * 4 * 3)
+    return PhasePlan("eval", eval_dev if r.on_gpu else 0,
+                     r.base + eval_hidden + (0 if r.on_gpu else r.inference(EVAL_BATCH * eval_seqlen)),
+                     {"hidden states": eval_hidden})
 
-    # Hessians for whichever method reads them (from the registry: sparsegpt, sparsegpt-mask, owl-sparsegpt,
-    # DSnoT started from a SparseGPT mask), while a block is pruned: in a baseline's pass and in EBFT's own
-    hessian_bytes = 3 * (3 * h * h + f * f) * 4
-    needs_hessian = {m: "hessian" in _statistics(m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}}
-    hessians = hessian_bytes if any(needs_hessian.values()) else 0
-    prune_acts = 2 * act
-    prune_dev = pb * sb + hessians + inference(INFER_BATCH * cfg.calib.seqlen) + pb  # + bool masks
-    phases.append(PhasePlan("prune", prune_dev + (prune_acts if acts == "device" else 0) if on_gpu else 0,
-                            base + (prune_acts if acts == "host" else 0)
-                            + (0 if on_gpu else hessians + inference(INFER_BATCH * cfg.calib.seqlen)),
-                            {"activations": prune_acts, "hessians": hessians}))
 
-    if cfg.ebft.epochs > 0:
-        tokens = cfg.ebft.batch_size * cfg.calib.seqlen
-        saved = autocast * tokens * (30 * h + 8 * f + 4 * kv)
-        backward = tokens * (12 * f + 8 * h)
-        state = pb * (16 + 1 + (2 if p.compute is not None else 0))
-        train = state + saved + backward
-        ebft_acts = 3 * act
-        # On the host: the pruned copy kept for a roll-back, and (where storage is not float32) nothing else:
-        # the float32 block lives on the device.
-        host_extra = pb * 4
-        if on_gpu:
-            # A block's moments, in the order the loop runs them, each with what is live then (bench/memory.py
-            # --block-7b measures them): the statistics pass and the masks (inputs and dense targets); training
-            # (inputs, targets; the statistics freed); the propagation (the block back in its storage dtype, its
-            # outputs a third stream). The third stream and the training state never coexist.
-            infer = inference(INFER_BATCH * cfg.calib.seqlen)
-            pruning = pb * sb + pb + (hessian_bytes if needs_hessian.get(cfg.prune.method) else 0) + infer
-            on_device = act if acts == "device" else 0  # one stream's bytes on the device
-            peak = max(pruning + 2 * on_device, train + 2 * on_device, pb * sb + pb + infer + 3 * on_device)
-            phases.append(PhasePlan("ebft", peak, base + host_extra + (ebft_acts if acts == "host" else 0),
-                                    {"training state": state, "autograd": saved + backward,
-                                     "activations": ebft_acts}))
-        else:
-            ebft_prune = pb * sb + pb + (hessian_bytes if needs_hessian.get(cfg.prune.method) else 0) + \
-                inference(INFER_BATCH * cfg.calib.seqlen)
-            train = max(train, ebft_prune)
-            float_copy = pb * 4 if sb != 4 else 0  # block.float() copies a half-precision block
-            phases.append(PhasePlan("ebft", 0, base + ebft_acts + train - pb * 4 * (sb == 4) + float_copy
-                                    + host_extra, {"training state": state, "autograd": saved + backward,
-                                                   "activations": ebft_acts}))
-    if "lora" in cfg.recoveries:
-        # end to end: the whole model on the device, every block's saved activations for one batch, the
-        # logits over the vocabulary (and their float32 copy and gradient), adapters with AdamW state
-        tokens = cfg.lora.batch_size * cfg.calib.seqlen
-        saved = autocast * tokens * (30 * h + 8 * f + 4 * kv) * s.layers
-        logits = tokens * s.vocab * (2 + 4 + 4)
-        adapters = s.layers * cfg.lora.rank * 4 * (h + h) * 4  # a generous bound: four projections' A and B
-        lora = saved + logits + tokens * (12 * f + 8 * h) + adapters * 4
-        phases.append(PhasePlan("lora", model + lora if on_gpu else 0, base + (0 if on_gpu else lora),
-                                {"autograd": saved, "logits": logits}))
-    return phases
+def _importance_phase(r: _Run) -> PhasePlan:
+    """LLM-Pruner's importance pass: the whole model on the device, one backward of the language-model loss over
+    a few short sequences; each weight's gradient is reduced to its group sums and dropped at once."""
+    s, h, f = r.s, r.s.hidden, r.s.intermediate
+    tokens = r.cfg.prune.taylor_samples * r.cfg.prune.taylor_seqlen
+    # activation checkpointing: every block's input, and one block's saved tensors while it is recomputed
+    saved = tokens * h * r.sb * s.layers + r.saved(tokens)
+    logits = tokens * s.vocab * (2 + 4 + 4)
+    grads = 3 * h * f * 4  # the widest weight's gradient and its float32 product with the weight
+    taylor = saved + logits + grads + r.backward(tokens)
+    return PhasePlan("importance", r.model + taylor if r.on_gpu else 0, r.base + (0 if r.on_gpu else taylor),
+                     {"autograd": saved, "logits": logits})
+
+
+def _prune_phase(r: _Run) -> PhasePlan:
+    pb, seqlen = r.s.block_params, r.cfg.calib.seqlen
+    hessians = r.hessian_bytes if any(r.needs_hessian.values()) else 0
+    prune_acts = 2 * r.act
+    prune_dev = pb * r.sb + hessians + r.inference(INFER_BATCH * seqlen) + pb  # + bool masks
+    return PhasePlan("prune", prune_dev + (prune_acts if r.acts == "device" else 0) if r.on_gpu else 0,
+                     r.base + (prune_acts if r.acts == "host" else 0)
+                     + (0 if r.on_gpu else hessians + r.inference(INFER_BATCH * seqlen)),
+                     {"activations": prune_acts, "hessians": hessians})
+
+
+def _ebft_terms(r: _Run) -> tuple[int, int, int, int]:
+    """(training state, autograd, the training step's bytes, pruning one block's bytes) of an EBFT block."""
+    pb = r.s.block_params
+    tokens = r.cfg.ebft.batch_size * r.cfg.calib.seqlen
+    autograd = r.saved(tokens) + r.backward(tokens)
+    state = pb * (16 + 1 + (2 if r.p.compute is not None else 0))
+    hessian = r.hessian_bytes if r.needs_hessian.get(r.cfg.prune.method) else 0
+    pruning = pb * r.sb + pb + hessian + r.inference(INFER_BATCH * r.cfg.calib.seqlen)
+    return state, autograd, state + autograd, pruning
+
+
+def _ebft_phase(r: _Run) -> PhasePlan:
+    """EBFT on an accelerator. A block's moments, in the order the loop runs them, each with what is live then
+    (bench/memory.py --block-7b measures them): the statistics pass and the masks (inputs and dense targets);
+    training (inputs, targets; the statistics freed); the propagation (the block back in its storage dtype, its
+    outputs a third stream). The third stream and the training state never coexist. On the host: the pruned
+    copy kept for a roll-back, and (where storage is not float32) nothing else: the float32 block lives on the
+    device."""
+    pb = r.s.block_params
+    state, autograd, train, pruning = _ebft_terms(r)
+    ebft_acts = 3 * r.act
+    infer = r.inference(INFER_BATCH * r.cfg.calib.seqlen)
+    on_device = r.act if r.acts == "device" else 0  # one stream's bytes on the device
+    peak = max(pruning + 2 * on_device, train + 2 * on_device, pb * r.sb + pb + infer + 3 * on_device)
+    return PhasePlan("ebft", peak, r.base + pb * 4 + (ebft_acts if r.acts == "host" else 0),
+                     {"training state": state, "autograd": autograd, "activations": ebft_acts})
+
+
+def _ebft_phase_cpu(r: _Run) -> PhasePlan:
+    """EBFT on the CPU: all host memory, the larger of pruning and training a block, and the pruned copy."""
+    pb, sb = r.s.block_params, r.sb
+    state, autograd, train, pruning = _ebft_terms(r)
+    ebft_acts = 3 * r.act
+    train = max(train, pruning)
+    float_copy = pb * 4 if sb != 4 else 0  # block.float() copies a half-precision block
+    return PhasePlan("ebft", 0, r.base + ebft_acts + train - pb * 4 * (sb == 4) + float_copy + pb * 4,
+                     {"training state": state, "autograd": autograd, "activations": ebft_acts})
+
+
+def _lora_phase(r: _Run) -> PhasePlan:
+    """End to end: the whole model on the device, every block's saved activations for one batch, the logits over
+    the vocabulary (and their float32 copy and gradient), adapters with AdamW state."""
+    s, h = r.s, r.s.hidden
+    tokens = r.cfg.lora.batch_size * r.cfg.calib.seqlen
+    saved = r.saved(tokens) * s.layers
+    logits = tokens * s.vocab * (2 + 4 + 4)
+    adapters = s.layers * r.cfg.lora.rank * 4 * (h + h) * 4  # a generous bound: four projections' A and B
+    lora = saved + logits + r.backward(tokens) + adapters * 4
+    return PhasePlan("lora", r.model + lora if r.on_gpu else 0, r.base + (0 if r.on_gpu else lora),
+                     {"autograd": saved, "logits": logits})
 
 
 # Tokens in each evaluation set with a LLaMA tokenizer (WikiText-2 test 338,535; PTB test ~82k; the C4 protocol
@@ -273,23 +323,6 @@ def _eval_windows(cfg: RunConfig, seqlen: int) -> int:
         tokens = EVAL_TOKENS.get(source, 0)
     windows = tokens // seqlen
     return windows if cfg.eval.windows is None else min(cfg.eval.windows, windows)
-
-
-def capacities(device: torch.device) -> tuple[int | None, int | None]:
-    """(device bytes this process may use, host bytes available) right now; None where unknown."""
-    host = _meminfo("MemAvailable")
-    if host is not None:
-        host += _rss()  # what this process already holds counts as available to it
-    if device.type == "cuda" and torch.cuda.is_available():
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        free, total = torch.cuda.mem_get_info(index)
-        usable = min(free + torch.cuda.memory_reserved(index), total)
-        try:  # a cap set with torch.cuda.set_per_process_memory_fraction (e.g. to act as a 16 GB card)
-            usable = min(usable, total * torch.cuda.get_per_process_memory_fraction(index))
-        except (AttributeError, RuntimeError):
-            pass
-        return int(usable), host
-    return None, host
 
 
 def suggestion(model_config: Any, config: RunConfig, precision: Precision, capacity: int | None) -> str:
@@ -354,26 +387,6 @@ def remedy(plan: MemoryPlan, model_config: Any, config: RunConfig, precision: Pr
 
 def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / GiB:.2f} GiB"
-
-
-def _meminfo(key: str) -> int | None:
-    try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _rss() -> int:
-    try:
-        for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def _statistics(method: str, cfg: RunConfig) -> frozenset[str]:
