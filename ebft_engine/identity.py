@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-from .models.loading import STRUCTURE_FILE, TINY_NAME, ModelSource, _local_folder
+from .models import STRUCTURE_FILE, TINY_NAME, ModelSource, _local_folder
 from .record import to_json, write_json_atomic
 
 IDENTITY_FILE = "model.json"
