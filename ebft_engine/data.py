@@ -177,8 +177,9 @@ def _c4_windows(tokenizer, docs, nsamples: int, seqlen: int, seed: int) -> torch
 
 def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, precision: Precision,
                    batch: int = 32) -> torch.Tensor:
-    """Sequences the dense model writes itself (Shin et al. §7, from LLM-QAT): a random first token, five
-    greedy tokens, then sampling at temperature 1 to ``seqlen``. Cached on disk: generation is slow on a CPU.
+    """Sequences the dense model writes itself (Shin et al., from LLM-QAT;
+    docs/calibration.md#self-generated-calibration): a random first token, five greedy tokens, then sampling at
+    temperature 1 to ``seqlen``. Cached on disk: generation is slow on a CPU.
     """
     path = self_cache_path(model, nsamples, seqlen, seed)
     if path.is_file():

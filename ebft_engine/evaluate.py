@@ -1,4 +1,4 @@
-"""Perplexity over non-overlapping windows (REFERENCE.md §9), block by block.
+"""Perplexity over non-overlapping windows (docs/evaluation.md#perplexity), block by block.
 
 ``ppl = exp(Σ_w NLL_w · seqlen / (n · seqlen))`` where NLL_w is the mean cross-entropy of window w's
 seqlen−1 next-token predictions: the Wanda/SparseGPT/EBFT protocol. Blocks run one at a time on the device

@@ -1,4 +1,5 @@
-"""Zero-shot accuracy with lm-eval, called in-process on the model in memory (REFERENCE.md §9).
+"""Zero-shot accuracy with lm-eval, called in-process on the model in memory
+(docs/evaluation.md#zero-shot-accuracy).
 
 The paper's tasks are boolq, rte, hellaswag, winogrande, arc_easy, arc_challenge and openbookqa, scored by
 acc and acc_norm. lm-eval reads each task's data set through ``datasets``: offline it uses the local cache,

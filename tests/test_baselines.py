@@ -1,4 +1,6 @@
-"""DSnoT, OWL and EBFT with global propagation (REFERENCE.md §4, §5, §7) on small matrices and the tiny model."""
+"""DSnoT, OWL and EBFT with global propagation on small matrices and the tiny model
+(docs/methods/dsnot.md#the-swap-rule, docs/methods/owl.md#per-block-sparsity,
+docs/methods/ebft.md#global-propagation-ebft-gp)."""
 from __future__ import annotations
 
 import pytest

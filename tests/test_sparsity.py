@@ -114,8 +114,9 @@ def test_sparsegpt_mask_variant_keeps_original_weights(layer):
 
 @pytest.mark.parametrize("sparsity,nm", [(0.5, (2, 4)), (0.5, (4, 8)), (0.5, None), (0.05, None)])
 def test_sparsegpt_zeroes_dead_input_columns_and_says_which(layer, sparsity, nm):
-    """The reference sets W[:, dead] = 0 where an input never fires (REFERENCE.md §3): the mask keeps its exact
-    count, and the kept weights of dead columns, zero, lift the measured sparsity; the result names the columns."""
+    """The reference sets W[:, dead] = 0 where an input never fires (docs/methods/sparsegpt.md#dead-input-channels):
+    the mask keeps its exact count, and the kept weights of dead columns, zero, lift the measured sparsity; the
+    result names the columns."""
     weight, _, flat = layer
     dead = torch.zeros(COLS, dtype=torch.bool)
     dead[[0, 1, 2, 3, 9, 40]] = True

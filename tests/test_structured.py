@@ -1,5 +1,6 @@
-"""Structured pruning (LLM-Pruner, REFERENCE.md §6): whole heads and MLP channels leave, the matrices get smaller,
-the block computes what the dense block computes with those groups cut out, and EBFT and LoRA recover it."""
+"""Structured pruning (LLM-Pruner, docs/methods/llm-pruner.md#coupled-groups): whole heads and MLP channels leave,
+the matrices get smaller, the block computes what the dense block computes with those groups cut out, and EBFT
+and LoRA recover it."""
 from __future__ import annotations
 
 import json

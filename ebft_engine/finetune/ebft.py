@@ -1,5 +1,6 @@
-"""EBFT's block trainer (Guo et al. 2024; REFERENCE.md §1): fine-tune one pruned block by backpropagation so
-its output matches the dense block's output on the same (sparse-propagated) inputs, masks held fixed.
+"""EBFT's block trainer (Guo et al. 2024; docs/methods/ebft.md#block-wise-reconstruction): fine-tune one pruned
+block by backpropagation so its output matches the dense block's output on the same (sparse-propagated)
+inputs, masks held fixed.
 
 Trains every parameter of the block: the seven projections and both RMSNorm weights (plus biases or q/k
 norms where a family has them). Pruned weights start at zero and their gradients are masked to zero, so
@@ -7,7 +8,7 @@ AdamW (whose decoupled decay of a zero is zero) keeps them exactly zero at every
 
 Precision: float32 master weights; the forward under bf16 autocast where supported, else fp16 autocast with
 a gradient scaler whose gradients are unscaled before clipping (the reference clips scaled gradients, a
-quirk we do not reproduce: REFERENCE.md §1.3).
+quirk we do not reproduce: docs/methods/ebft.md#gradient-clipping-and-loss-scaling).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""LoRA recovery (REFERENCE.md §2, §6) with peft: low-rank adapters on the chosen projections of a pruned model,
-its sparse weights frozen, trained end to end on the calibration tokens with the language-model loss.
+"""LoRA recovery (docs/methods/lora.md#two-recipes) with peft: low-rank adapters on the chosen projections of a
+pruned model, its sparse weights frozen, trained end to end on the calibration tokens with the language-model
+loss.
 
 Two models come out of one training: the model with its adapters beside the sparse weights (``lora``: the
 sparsity is intact, the adapter parameters are extra), and the adapters merged into the weights and the

@@ -1,6 +1,6 @@
-"""DSnoT (Zhang et al., ICLR 2024; REFERENCE.md §4): training-free mask refinement. Starting from an initial
-mask (Wanda by default), each cycle swaps, in every row whose expected reconstruction error is still large, one
-pruned weight back in and one kept weight out. Weights are never changed.
+"""DSnoT (Zhang et al., ICLR 2024; docs/methods/dsnot.md#the-swap-rule): training-free mask refinement. Starting
+from an initial mask (Wanda by default), each cycle swaps, in every row whose expected reconstruction error is
+still large, one pruned weight back in and one kept weight out. Weights are never changed.
 
 For row i, with μ̃_j the token-sum mean of input channel j (Σ over tokens / number of sequences) and Var_j its
 population variance over tokens:

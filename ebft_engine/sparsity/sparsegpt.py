@@ -1,8 +1,9 @@
 """SparseGPT (Frantar & Alistarh 2023): OBS-style pruning with a weight update, in lazy blocks of columns.
 
-Follows IST-DASLab/sparsegpt (REFERENCE.md §3): damped Hessian H = 2/N Σ XᵀX + λI (λ = 1% of mean diag),
-U = chol(H⁻¹) in upper form, saliency w²/U_jj² chosen per 128-column block (unstructured) or per M columns
-(N:M), and for each pruned column the error is spread over the columns not yet processed.
+Follows IST-DASLab/sparsegpt (docs/methods/sparsegpt.md#the-algorithm): damped Hessian H = 2/N Σ XᵀX + λI
+(λ = 1% of mean diag), U = chol(H⁻¹) in upper form, saliency w²/U_jj² chosen per 128-column block
+(unstructured) or per M columns (N:M), and for each pruned column the error is spread over the columns not yet
+processed.
 
 ``sparsegpt-mask`` is the variant inside the EBFT reference code: the same saliency, but no weight update
 (the mask is chosen on the original weights, which EBFT then trains). Both zero the weights of dead input

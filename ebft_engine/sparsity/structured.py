@@ -1,5 +1,5 @@
-"""Structured pruning, LLM-Pruner style (Ma et al. 2023; REFERENCE.md §6): whole attention heads and MLP
-channels leave a block as coupled groups, and its matrices really get smaller.
+"""Structured pruning, LLM-Pruner style (Ma et al. 2023; docs/methods/llm-pruner.md#coupled-groups): whole
+attention heads and MLP channels leave a block as coupled groups, and its matrices really get smaller.
 
 Groups, in a LLaMA-family block of ``H`` query heads sharing ``KV`` key/value heads (``g = H / KV`` each):
 
