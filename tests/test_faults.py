@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ebft_engine import resume, run
-from ebft_engine import pipeline as pipeline_module
+from ebft_engine import phases, recoveries
+from ebft_engine import pruners
 
 
 def _notices(events, level):
@@ -16,14 +17,14 @@ def _notices(events, level):
 
 
 def _fail_at_block(monkeypatch, block, error):
-    real = pipeline_module.finetune_block
+    real = recoveries.finetune_block
 
     def failing(*args, **kwargs):
         if kwargs["index"] == block:
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "finetune_block", failing)
+    monkeypatch.setattr(recoveries, "finetune_block", failing)
 
 
 def test_out_of_memory_says_what_to_change_and_resumes_with_it(tiny_run_config, monkeypatch):
@@ -60,7 +61,7 @@ def test_failure_leaves_every_block_on_the_host_without_gradients(tiny_run_confi
 
 
 def test_an_injected_non_finite_loss_rolls_the_block_back_and_the_run_goes_on(tiny_run_config, monkeypatch):
-    real = pipeline_module.finetune_block
+    real = recoveries.finetune_block
 
     def poisoned(block, call, inputs, targets, masks, *args, **kwargs):
         if kwargs["index"] == 1:
@@ -68,7 +69,7 @@ def test_an_injected_non_finite_loss_rolls_the_block_back_and_the_run_goes_on(ti
             targets[0, 0, 0] = float("inf")
         return real(block, call, inputs, targets, masks, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "finetune_block", poisoned)
+    monkeypatch.setattr(recoveries, "finetune_block", poisoned)
     events = list(run(tiny_run_config))
     assert events[-1].status == "finished"
     warnings = _notices(events, "warning")
@@ -113,7 +114,7 @@ def test_a_disk_that_fills_up_mid_run_fails_cleanly_and_resumes(tiny_run_config,
 
 
 def test_a_plan_that_cannot_fit_is_refused_with_a_suggestion(tiny_run_config, monkeypatch):
-    monkeypatch.setattr(pipeline_module, "capacities", lambda device: (None, 10 * 1024 ** 2))
+    monkeypatch.setattr(phases, "capacities", lambda device: (None, 10 * 1024 ** 2))
     events = list(run(tiny_run_config))
     assert events[-1].status == "failed"
     (error,) = _notices(events, "error")
@@ -139,7 +140,7 @@ def test_the_remedy_is_the_one_for_the_stage_that_ran_out(tiny_run_config, monke
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
-    target = {"eval": (pipeline_module, "perplexity"), "prune": (pipeline_module._Run, "_prune")}[where]
+    target = {"eval": (phases, "perplexity"), "prune": (pruners.MaskPruner, "prune")}[where]
     monkeypatch.setattr(*target, oom)
     events = list(run(tiny_run_config))
     assert events[-1].status == "failed"

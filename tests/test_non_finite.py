@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ebft_engine import ConfigError, EbftError, run
-from ebft_engine import pipeline as pipeline_module
+from ebft_engine import pruners
 from ebft_engine.cli import main
 from ebft_engine.config import DTYPES
 from ebft_engine.device import FLOAT16_MAX, Precision, non_finite
@@ -74,17 +74,17 @@ def test_an_overflow_after_pruning_keeps_the_finished_numbers(tiny_run_config, m
     """The dense model fits float16, a pruned block's output does not (a pruning step that leaves block 0's MLP
     weights 200x larger, as in the model above): the run fails on dtype at that block's propagation, and the
     dense perplexity it had measured stays in summary.json."""
-    real = pipeline_module._Run._prune
+    real = pruners.MaskPruner.prune
 
-    def blowing_up(self, block, *args, **kwargs):
-        masks = real(self, block, *args, **kwargs)
-        if block is self.adapter.blocks[0]:
+    def blowing_up(self, run, block, *args, **kwargs):
+        masks = real(self, run, block, *args, **kwargs)
+        if block is run.adapter.blocks[0]:
             with torch.no_grad():
                 for linear in (block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj):
                     linear.weight.mul_(200)
         return masks
 
-    monkeypatch.setattr(pipeline_module._Run, "_prune", blowing_up)
+    monkeypatch.setattr(pruners.MaskPruner, "prune", blowing_up)
     events = list(run(tiny_run_config.with_overrides({"dtype": "float16", "baselines": ["wanda"]})))
     summary = events[-1].summary
     assert events[-1].status == "failed"
