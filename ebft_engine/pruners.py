@@ -57,7 +57,7 @@ class MaskPruner:
 
 
 class OwlPruner:
-    """A mask pruner whose per-block sparsities follow OWL (docs: ``sparsity/owl.py``): each block's outlier
+    """A mask pruner whose per-block sparsities follow OWL (docs/methods/owl.md#outlier-ratio): each block's outlier
     ratio of Wanda scores over all its projections, from a pass over the dense model, spread ±λ around the
     target with the same mean."""
 
@@ -100,7 +100,7 @@ class OwlPruner:
 
 
 class StructuredPruner:
-    """LLM-Pruner (docs: ``sparsity/structured.py``): Taylor importance of heads and channels from the dense
+    """LLM-Pruner (docs/methods/llm-pruner.md#taylor-importance): Taylor importance of heads and channels from the dense
     model, then each block between keep_first and keep_last shrinks by one ratio so the total removed is the
     target."""
 

@@ -2,12 +2,13 @@
 
 - :class:`PruneOnly`: no training; the pruned baseline itself.
 - :class:`Ebft` (``ebft``, the paper's): each block is trained, masks fixed, to reproduce the dense block's
-  output on the same (sparse-model) inputs (docs: ``finetune/ebft.py``).
+  output on the same (sparse-model) inputs (docs/methods/ebft.md#the-target).
 - :class:`EbftGlobal` (``ebft-gp``): the target is the dense model's own stream, the dense block on the dense
-  inputs (global propagation), so a block also learns to correct the error its predecessors left.
+  inputs (global propagation, docs/methods/ebft.md#global-propagation-ebft-gp), so a block also learns to
+  correct the error its predecessors left.
 - :class:`Lora` (``lora``): a model recovery: the blocks are pruned as for a baseline, then LoRA adapters are
   trained on the calibration tokens; it reports two models, ``lora`` (adapters beside the sparse weights) and
-  ``lora-merged`` (merged and re-masked).
+  ``lora-merged`` (merged and re-masked) (docs/methods/lora.md).
 
 ``make_recovery(name)`` builds one; ``RECOVERIES`` lists the names in ``config.py``.
 """

@@ -21,12 +21,7 @@ TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".txt", ".json", ".toml", ".sh",
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".hypothesis", "node_modules"}
 
 # Files still allowed to cite OLD_NOTES, each with the reason. Drop an entry once its file cites docs/.
-REFERENCE_MD_ALLOWED = {
-    # Being rewritten on another branch while the notes landed; its three citations (global propagation, OWL
-    # twice) move to docs/methods/ebft.md#global-propagation-ebft-gp, docs/methods/owl.md#outlier-ratio and
-    # docs/methods/owl.md#per-block-sparsity with that rewrite.
-    "ebft_engine/pipeline.py",
-}
+REFERENCE_MD_ALLOWED: set[str] = set()  # every citation now resolves inside the repository
 
 DOC_REF = re.compile(r"\bdocs/[\w./-]+?\.md(?:#[\w-]+)?")
 MD_LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

@@ -88,7 +88,7 @@ def test_find_cycle_names_the_cycle():
 def test_graph_reads_function_level_and_relative_imports():
     graph = import_graph()
     assert "ebft_engine.sparsity.structured" in graph and "lab.app" in graph
-    assert "ebft_engine.zeroshot" in graph["ebft_engine.pipeline"]  # `from . import zeroshot` inside a method
+    assert "ebft_engine.zeroshot" in graph["ebft_engine.phases"]  # `from . import zeroshot` inside a function
     assert "ebft_engine.config" in graph["lab.app"]
 
 

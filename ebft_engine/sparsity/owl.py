@@ -8,7 +8,8 @@ OWL_BOUNDS = (0.01, 0.99)  # the reference clamps a per-block sparsity <= 0 to 0
 
 
 def owl_spread(lods: list[float], sparsity: float, lam: float) -> list[float]:
-    """OWL's per-block sparsities before any bound (REFERENCE.md §5): density D = r - mean(r) + (1 - S), r the
+    """OWL's per-block sparsities before any bound (docs/methods/owl.md#per-block-sparsity): density
+    D = r - mean(r) + (1 - S), r the
     outlier ratios scaled to [0, 2λ]; more outliers keep more weights; the mean is S. A wide spread leaves
     (0, 1): see owl_sparsities."""
     lo, hi = min(lods), max(lods)
