@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 from ebft_engine import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                          RunFinished, RunStarted, StepLoss, ZeroShotFinished)
+from ebft_engine.summary import EvalInfo, RunSummary
 
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -30,12 +31,12 @@ class RunView:
     initial: dict[int, float] = field(default_factory=dict)
     final: dict[int, float] = field(default_factory=dict)
     ppl: dict[str, float] = field(default_factory=dict)
-    eval_info: dict[str, Any] = field(default_factory=dict)
+    eval_info: EvalInfo | None = None  # from the last evaluation, completed by the summary at the end
     sparsity: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # label -> block -> layer
     notices: list[tuple[str, str]] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     block_seconds: list[float] = field(default_factory=list)  # of the current phase, for the time-left guess
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: RunSummary | None = None  # once the run finished (RunFinished)
     events: int = 0
 
     def apply(self, event: Event) -> RunView:
@@ -68,15 +69,16 @@ class RunView:
                     self.final[event.block] = event.final_loss
         elif isinstance(event, EvalFinished):
             self.ppl[event.label] = event.ppl
-            self.eval_info = {"source": event.source, "seqlen": event.seqlen, "windows": event.windows,
-                              "tokens": event.tokens, "partial": event.partial}
+            self.eval_info = EvalInfo(source=event.source, seqlen=event.seqlen, windows=event.windows,
+                                      tokens=event.tokens, partial=event.partial)
         elif isinstance(event, ZeroShotFinished):
             self.zeroshot[event.label] = dict(event.results)
         elif isinstance(event, Notice):
             self.notices.append((event.level, event.text))
         elif isinstance(event, RunFinished):
-            self.status, self.summary = event.status, event.summary
-            self.eval_info = {**self.eval_info, **(event.summary.get("eval") or {})}
+            self.status, self.summary = event.status, RunSummary.from_dict(event.summary)
+            if self.summary.eval is not None:  # the description and the windows the text holds
+                self.eval_info = (self.eval_info or EvalInfo()).merged(self.summary.eval)
         return self
 
     # ---- derived -------------------------------------------------------------------------------------------
