@@ -214,11 +214,26 @@ def grid_and_print(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except EbftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results: dict = {}
-    statuses = []
-    total = len(methods) * len(settings)
+    results, statuses = _grid_results(_chain(first, events), len(methods) * len(settings), cancel, out)
+    if not results:
+        return 1
+    header, rows = grid.table(results, list(base.recoveries) if base.ebft.epochs > 0 else [])
+    protocol = next(iter(results.values())).protocol()
+    csv_path, md_path = grid.write(args.out, header, rows, protocol)
+    print(grid.to_markdown(header, rows, protocol), file=out)
+    print(f"table: {csv_path} {md_path}", file=out)
+    if "cancelled" in statuses:
+        return 130
+    return 0 if all(s == "finished" for s in statuses) else 1
+
+
+def _grid_results(events, total: int, cancel: threading.Event,
+                  out: TextIO) -> tuple[dict[Any, RunSummary], list[str]]:
+    """Print a grid's progress; return each finished cell's summary and every run's status (Ctrl-C: cancelled)."""
+    results: dict[Any, RunSummary] = {}
+    statuses: list[str] = []
     try:
-        for cell, event in _chain(first, events):
+        for cell, event in events:
             if isinstance(event, RunStarted):
                 print(f"[{len(statuses) + 1}/{total}] sparsity {cell.setting}, {cell.method} -> {event.run_dir}",
                       file=out, flush=True)
@@ -227,21 +242,12 @@ def grid_and_print(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             elif isinstance(event, EvalFinished):
                 print(f"   ppl[{event.label}] = {event.ppl:.3f}", file=out, flush=True)
             elif isinstance(event, RunFinished):
-                results[cell] = event.summary
+                results[cell] = RunSummary.from_dict(event.summary)
                 statuses.append(event.status)
     except KeyboardInterrupt:
         cancel.set()
         statuses.append("cancelled")
-    if not results:
-        return 1
-    header, rows = grid.table(results, list(base.recoveries) if base.ebft.epochs > 0 else [])
-    protocol = RunSummary.from_dict(next(iter(results.values()))).protocol()
-    csv_path, md_path = grid.write(args.out, header, rows, protocol)
-    print(grid.to_markdown(header, rows, protocol), file=out)
-    print(f"table: {csv_path} {md_path}", file=out)
-    if "cancelled" in statuses:
-        return 130
-    return 0 if all(s == "finished" for s in statuses) else 1
+    return results, statuses
 
 
 def _chain(first, rest):
@@ -309,17 +315,27 @@ def format_table(summary: RunSummary | dict[str, Any]) -> str:
              "|---|---:|---:|" + ("---:|" if structured else "")]
     for label, ppl in summary.ppl.items():
         s = summary.actual_sparsity.get(label)
-        n = summary.params.get(label)
-        count = " - |" if not n else f" {n / 1e6:.1f}M |" if n >= 10 ** 7 else f" {n / 1e6:.3f}M |"
-        lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |" + (count if structured else ""))
-    tasks = list(dict.fromkeys(t for results in summary.zeroshot.values() for t in results))
-    if tasks:
-        lines += ["", "| model | " + " | ".join(f"{t} acc / acc_norm" for t in tasks) + " |",
-                  "|---|" + "---:|" * len(tasks)]
-        for label, results in summary.zeroshot.items():
-            cells = [results.get(t, {}) for t in tasks]
-            lines.append(f"| {label} | " + " | ".join(f"{c.get('acc', float('nan')):.3f} / "
-                                                      f"{c.get('acc_norm', float('nan')):.3f}" for c in cells) + " |")
+        count = _parameters(summary.params.get(label)) if structured else ""
+        lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |" + count)
+    lines += _zeroshot_table(summary.zeroshot)
     if summary.eval is not None:
         lines.append(f"\nprotocol: {summary.protocol()}")
     return "\n".join(lines)
+
+
+def _parameters(n: int | None) -> str:
+    """A parameter count as a table cell: millions, three decimals under 10M; "-" when not known."""
+    return " - |" if not n else f" {n / 1e6:.1f}M |" if n >= 10 ** 7 else f" {n / 1e6:.3f}M |"
+
+
+def _zeroshot_table(zeroshot: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The zero-shot accuracies (acc / acc_norm) as Markdown lines, a blank line first; none without results."""
+    tasks = list(dict.fromkeys(t for results in zeroshot.values() for t in results))
+    if not tasks:
+        return []
+    lines = ["", "| model | " + " | ".join(f"{t} acc / acc_norm" for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for label, results in zeroshot.items():
+        cells = [results.get(t, {}) for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(f"{c.get('acc', float('nan')):.3f} / "
+                                                  f"{c.get('acc_norm', float('nan')):.3f}" for c in cells) + " |")
+    return lines
