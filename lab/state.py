@@ -50,23 +50,10 @@ class RunView:
             self.phase_seconds[key] = event.seconds
         elif isinstance(event, BlockStarted):
             self.block, self.total_blocks = event.block, event.total
-        elif isinstance(event, StepLoss) and event.block < 0:  # LoRA trains the whole model: its own curve
-            self.model_steps.setdefault(event.label, []).append((event.step, event.loss))
         elif isinstance(event, StepLoss):
-            if event.label != self.train_label:
-                self.train_label, self.steps, self.initial, self.final = event.label, {}, {}, {}
-            if event.step == 1:  # a block trained again (a resumed run redoes the block it stopped in)
-                self.steps[event.block] = []
-            self.steps.setdefault(event.block, []).append((event.step, event.loss))
+            self._step_loss(event)
         elif isinstance(event, BlockFinished):
-            self.block_seconds.append(event.seconds)
-            if event.layers:
-                self.sparsity.setdefault(event.label, {})[event.block] = dict(event.layers)
-            if event.initial_loss is not None:
-                self.train_label = event.label
-                self.initial[event.block] = event.initial_loss
-                if event.final_loss is not None:
-                    self.final[event.block] = event.final_loss
+            self._block_finished(event)
         elif isinstance(event, EvalFinished):
             self.ppl[event.label] = event.ppl
             self.eval_info = EvalInfo(source=event.source, seqlen=event.seqlen, windows=event.windows,
@@ -76,10 +63,33 @@ class RunView:
         elif isinstance(event, Notice):
             self.notices.append((event.level, event.text))
         elif isinstance(event, RunFinished):
-            self.status, self.summary = event.status, RunSummary.from_dict(event.summary)
-            if self.summary.eval is not None:  # the description and the windows the text holds
-                self.eval_info = (self.eval_info or EvalInfo()).merged(self.summary.eval)
+            self._finished(event)
         return self
+
+    def _step_loss(self, event: StepLoss) -> None:
+        if event.block < 0:  # LoRA trains the whole model: its own curve
+            self.model_steps.setdefault(event.label, []).append((event.step, event.loss))
+            return
+        if event.label != self.train_label:
+            self.train_label, self.steps, self.initial, self.final = event.label, {}, {}, {}
+        if event.step == 1:  # a block trained again (a resumed run redoes the block it stopped in)
+            self.steps[event.block] = []
+        self.steps.setdefault(event.block, []).append((event.step, event.loss))
+
+    def _block_finished(self, event: BlockFinished) -> None:
+        self.block_seconds.append(event.seconds)
+        if event.layers:
+            self.sparsity.setdefault(event.label, {})[event.block] = dict(event.layers)
+        if event.initial_loss is not None:
+            self.train_label = event.label
+            self.initial[event.block] = event.initial_loss
+            if event.final_loss is not None:
+                self.final[event.block] = event.final_loss
+
+    def _finished(self, event: RunFinished) -> None:
+        self.status, self.summary = event.status, RunSummary.from_dict(event.summary)
+        if self.summary.eval is not None:  # the description and the windows the text holds
+            self.eval_info = (self.eval_info or EvalInfo()).merged(self.summary.eval)
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property

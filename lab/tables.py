@@ -28,20 +28,8 @@ def _millions(n: int) -> str:
 def ppl_table(view: RunView) -> pd.DataFrame:
     dense = view.ppl.get("dense")
     summary = view.summary or RunSummary()  # empty while the run goes on
-    adapters = summary.lora.adapter_params if summary.lora else None
-    rows = []
-    for label, ppl in view.ppl.items():
-        s = summary.actual_sparsity.get(label)
-        if s is None and label in view.sparsity:
-            per = [v for layers in view.sparsity[label].values() for v in layers.values()]
-            s = sum(per) / len(per) if per else None
-        text = "" if s is None else f"{s:.2%}"
-        if label == "lora" and adapters:
-            text += f" + {adapters / 1e6:.2f}M adapter weights"
-        params = summary.params.get(label)
-        if summary.structured and params:  # structured pruning makes the model itself smaller
-            text = (text + ", " if text else "") + f"{_millions(params)} parameters"
-        rows.append([label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×", text])
+    rows = [[label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×",
+             _sparsity_text(view, summary, label)] for label, ppl in view.ppl.items()]
     table = pd.DataFrame(rows, columns=PPL_COLUMNS)
     if view.zeroshot:  # one column per task: acc (acc_norm)
         tasks = list(dict.fromkeys(t for results in view.zeroshot.values() for t in results))
@@ -51,6 +39,23 @@ def ppl_table(view: RunView) -> pd.DataFrame:
                 f"{view.zeroshot[label][task].get('acc', float('nan')):.3f} "
                 f"({view.zeroshot[label][task].get('acc_norm', float('nan')):.3f})" for label in table["model"]]
     return table
+
+
+def _sparsity_text(view: RunView, summary: RunSummary, label: str) -> str:
+    """The sparsity cell: measured (the summary's, else the mean of the blocks' layers so far), LoRA's adapter
+    weights, and the parameter count when structured pruning made the model itself smaller."""
+    s = summary.actual_sparsity.get(label)
+    if s is None and label in view.sparsity:
+        per = [v for layers in view.sparsity[label].values() for v in layers.values()]
+        s = sum(per) / len(per) if per else None
+    text = "" if s is None else f"{s:.2%}"
+    adapters = summary.lora.adapter_params if summary.lora else None
+    if label == "lora" and adapters:
+        text += f" + {adapters / 1e6:.2f}M adapter weights"
+    params = summary.params.get(label)
+    if summary.structured and params:
+        text = (text + ", " if text else "") + f"{_millions(params)} parameters"
+    return text
 
 
 RESUMABLE = ("interrupted", "cancelled", "failed")  # statuses the History tab offers to resume
