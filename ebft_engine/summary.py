@@ -370,8 +370,10 @@ class RunSummary:
         kept = self.dead_channel_weights.get(label, DeadChannels()).blocks
         self.dead_channel_weights[label] = DeadChannels({b: d for b, d in kept.items() if int(b) < start})
 
-    def add_dead_channels(self, label: str, block: int, counts: Mapping[str, int]) -> None:
-        """Record block ``block``'s dead-channel weights per layer (layers with none are left out)."""
+    def add_dead_channels(self, label: str, block: int, counts: Mapping[str, int]) -> bool:
+        """Record block ``block``'s dead-channel weights per layer (layers with none are left out); False when
+        it has none, and nothing was recorded."""
         nonzero = {name: n for name, n in counts.items() if n}
         if nonzero:
             self.dead_channel_weights.setdefault(label, DeadChannels()).blocks[str(block)] = nonzero
+        return bool(nonzero)

@@ -130,9 +130,9 @@ def test_the_pipeline_helpers_for_blocks_and_dead_channels():
     summary.restart_blocks("ebft", 1)  # block 1 and the row without an index are redone
     assert [(b.label, b.index) for b in summary.blocks] == [("ebft", 0), ("ebft-gp", 3)]
 
-    summary.add_dead_channels("wanda", 0, {"q_proj": 4, "k_proj": 0})
-    summary.add_dead_channels("wanda", 2, {"o_proj": 1, "down_proj": 6})
-    summary.add_dead_channels("wanda", 3, {"o_proj": 0})  # nothing dead: nothing recorded
+    assert summary.add_dead_channels("wanda", 0, {"q_proj": 4, "k_proj": 0})
+    assert summary.add_dead_channels("wanda", 2, {"o_proj": 1, "down_proj": 6})
+    assert not summary.add_dead_channels("wanda", 3, {"o_proj": 0})  # nothing dead: nothing recorded
     dead = summary.dead_channel_weights["wanda"]
     assert (dead.weights, dead.layers) == (11, 3)
     summary.restart_dead_channels("wanda", 1)
