@@ -17,6 +17,7 @@ from .errors import EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Notice, PhaseFinished, PhaseStarted, RunFinished,
                      RunStarted, StepLoss, ZeroShotFinished)
 from .pipeline import OUTPUT_OVERRIDES, RESUME_OVERRIDES, resume, run
+from .summary import RunSummary
 
 # flag -> dotted config field
 FLAGS: dict[str, tuple[str, type, str]] = {
@@ -194,7 +195,8 @@ def run_and_print(config: RunConfig | None, quiet: bool = False, out: TextIO = s
         printer.close()
     if finished is None:
         return 1
-    if finished.status == "failed" and (finished.summary.get("error") or {}).get("field"):
+    error = RunSummary.from_dict(finished.summary).error
+    if finished.status == "failed" and error is not None and error.field:
         return 2  # it failed on a field's value (a ConfigError): bad input, like a refusal before the run
     return {"finished": 0, "cancelled": 130}.get(finished.status, 1)
 
@@ -212,11 +214,26 @@ def grid_and_print(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     except EbftError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    results: dict = {}
-    statuses = []
-    total = len(methods) * len(settings)
+    results, statuses = _grid_results(_chain(first, events), len(methods) * len(settings), cancel, out)
+    if not results:
+        return 1
+    header, rows = grid.table(results, list(base.recoveries) if base.ebft.epochs > 0 else [])
+    protocol = next(iter(results.values())).protocol()
+    csv_path, md_path = grid.write(args.out, header, rows, protocol)
+    print(grid.to_markdown(header, rows, protocol), file=out)
+    print(f"table: {csv_path} {md_path}", file=out)
+    if "cancelled" in statuses:
+        return 130
+    return 0 if all(s == "finished" for s in statuses) else 1
+
+
+def _grid_results(events, total: int, cancel: threading.Event,
+                  out: TextIO) -> tuple[dict[Any, RunSummary], list[str]]:
+    """Print a grid's progress; return each finished cell's summary and every run's status (Ctrl-C: cancelled)."""
+    results: dict[Any, RunSummary] = {}
+    statuses: list[str] = []
     try:
-        for cell, event in _chain(first, events):
+        for cell, event in events:
             if isinstance(event, RunStarted):
                 print(f"[{len(statuses) + 1}/{total}] sparsity {cell.setting}, {cell.method} -> {event.run_dir}",
                       file=out, flush=True)
@@ -225,24 +242,12 @@ def grid_and_print(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             elif isinstance(event, EvalFinished):
                 print(f"   ppl[{event.label}] = {event.ppl:.3f}", file=out, flush=True)
             elif isinstance(event, RunFinished):
-                results[cell] = event.summary
+                results[cell] = RunSummary.from_dict(event.summary)
                 statuses.append(event.status)
     except KeyboardInterrupt:
         cancel.set()
         statuses.append("cancelled")
-    if not results:
-        return 1
-    header, rows = grid.table(results, list(base.recoveries) if base.ebft.epochs > 0 else [])
-    summary = next(iter(results.values()))
-    ev = summary.get("eval") or {}
-    protocol = (f"{ev.get('description', ev.get('source'))}, seqlen {ev.get('seqlen')}, {ev.get('windows')} of "
-                f"{ev.get('total_windows')} windows ({'partial' if ev.get('partial') else 'full'})") if ev else ""
-    csv_path, md_path = grid.write(args.out, header, rows, protocol)
-    print(grid.to_markdown(header, rows, protocol), file=out)
-    print(f"table: {csv_path} {md_path}", file=out)
-    if "cancelled" in statuses:
-        return 130
-    return 0 if all(s == "finished" for s in statuses) else 1
+    return results, statuses
 
 
 def _chain(first, rest):
@@ -301,33 +306,36 @@ class _Printer:
             self.bar = None
 
 
-PROTOCOL_128 = " (LLM-Pruner's 128-token protocol: reads higher than at 2048)"
-
-
-def format_table(summary: dict[str, Any]) -> str:
+def format_table(summary: RunSummary | dict[str, Any]) -> str:
     """The perplexity comparison as a Markdown table, with the protocol under it."""
-    ev = summary.get("eval") or {}
-    structured = ((summary.get("config") or {}).get("prune") or {}).get("pattern") == "structured"
-    params = summary.get("params") or {}
+    if not isinstance(summary, RunSummary):
+        summary = RunSummary.from_dict(summary)
+    structured = summary.structured
     lines = ["| model | perplexity | sparsity |" + (" parameters |" if structured else ""),
              "|---|---:|---:|" + ("---:|" if structured else "")]
-    for label, ppl in summary.get("ppl", {}).items():
-        s = summary.get("actual_sparsity", {}).get(label)
-        n = params.get(label)
-        lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |" +
-                     ((f" {n / 1e6:.1f}M |" if n >= 10 ** 7 else f" {n / 1e6:.3f}M |" if n else " - |") if structured else ""))
-    zeroshot = summary.get("zeroshot") or {}
-    tasks = list(dict.fromkeys(t for results in zeroshot.values() for t in results))
-    if tasks:
-        lines += ["", "| model | " + " | ".join(f"{t} acc / acc_norm" for t in tasks) + " |",
-                  "|---|" + "---:|" * len(tasks)]
-        for label, results in zeroshot.items():
-            cells = [results.get(t, {}) for t in tasks]
-            lines.append(f"| {label} | " + " | ".join(f"{c.get('acc', float('nan')):.3f} / "
-                                                      f"{c.get('acc_norm', float('nan')):.3f}" for c in cells) + " |")
-    if ev:
-        lines.append(f"\nprotocol: {ev.get('description', ev.get('source'))}, seqlen {ev.get('seqlen')}"
-                     f"{PROTOCOL_128 if ev.get('seqlen') == 128 else ''}, "
-                     f"{ev.get('windows')} of {ev.get('total_windows')} windows "
-                     f"({'partial' if ev.get('partial') else 'full'}), {ev.get('tokens')} tokens")
+    for label, ppl in summary.ppl.items():
+        s = summary.actual_sparsity.get(label)
+        count = _parameters(summary.params.get(label)) if structured else ""
+        lines.append(f"| {label} | {ppl:.3f} | {'-' if s is None else f'{s:.2%}'} |" + count)
+    lines += _zeroshot_table(summary.zeroshot)
+    if summary.eval is not None:
+        lines.append(f"\nprotocol: {summary.protocol()}")
     return "\n".join(lines)
+
+
+def _parameters(n: int | None) -> str:
+    """A parameter count as a table cell: millions, three decimals under 10M; "-" when not known."""
+    return " - |" if not n else f" {n / 1e6:.1f}M |" if n >= 10 ** 7 else f" {n / 1e6:.3f}M |"
+
+
+def _zeroshot_table(zeroshot: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """The zero-shot accuracies (acc / acc_norm) as Markdown lines, a blank line first; none without results."""
+    tasks = list(dict.fromkeys(t for results in zeroshot.values() for t in results))
+    if not tasks:
+        return []
+    lines = ["", "| model | " + " | ".join(f"{t} acc / acc_norm" for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for label, results in zeroshot.items():
+        cells = [results.get(t, {}) for t in tasks]
+        lines.append(f"| {label} | " + " | ".join(f"{c.get('acc', float('nan')):.3f} / "
+                                                  f"{c.get('acc_norm', float('nan')):.3f}" for c in cells) + " |")
+    return lines

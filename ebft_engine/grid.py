@@ -16,6 +16,7 @@ from .config import RunConfig, parse_pattern
 from .errors import ConfigError
 from .events import Event, RunFinished
 from .pipeline import preflight, run
+from .summary import RunSummary
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,23 @@ def run_grid(base: RunConfig, methods: list[str], settings: list[str],
             return
 
 
-def table(results: dict[Cell, dict[str, Any]], recoveries: list[str]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows: one row per (setting, method), pruned and each recovery's perplexity in columns."""
+def table(results: dict[Cell, RunSummary | dict[str, Any]],
+          recoveries: list[str]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows: one row per (setting, method), pruned and each recovery's perplexity in columns.
+
+    Args:
+        results: each cell's summary (RunFinished.summary, or a RunSummary).
+    """
     labels = ["pruned"] + [label for r in recoveries for label in (["lora", "lora-merged"] if r == "lora" else [r])]
     header = ["sparsity", "method", "dense"] + labels + ["run"]
     rows = []
     for cell, summary in results.items():
-        ppl = summary.get("ppl", {})
+        if not isinstance(summary, RunSummary):
+            summary = RunSummary.from_dict(summary)
+        ppl = summary.ppl
         row = [cell.setting, cell.method, ppl.get("dense"), ppl.get(cell.method)]
         row += [ppl.get(label) for label in labels[1:]]
-        rows.append(row + [summary.get("run_id", "")])
+        rows.append(row + [summary.run_id])
     return header, rows
 
 
@@ -86,6 +94,7 @@ def to_csv(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def to_markdown(header: list[str], rows: list[list[Any]], protocol: str = "") -> str:
+    """The table in Markdown; ``protocol``: the evaluation protocol in words (RunSummary.protocol), under it."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 3) + "---|"]
     for row in rows:
         lines.append("| " + " | ".join("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v)

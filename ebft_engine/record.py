@@ -19,10 +19,11 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ConfigError
 from .events import BlockFinished, Event, event_from_dict, event_to_dict
+from .summary import RunSummary
 
 BLOCK_COLUMNS = ("label", "block", "initial_loss", "final_loss", "seconds", "sparsity")
 
@@ -161,6 +162,7 @@ def _read_blocks(path: Path) -> list[dict[str, Any]]:
 
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """A run folder's summary.json as the dict it holds; None when it is missing or unreadable."""
     try:
         summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -168,17 +170,26 @@ def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
+def load_summary(run_dir: str | Path) -> RunSummary | None:
+    """A run folder's summary.json as a RunSummary (read tolerantly, whatever its age); None when it is missing
+    or unreadable."""
+    summary = read_summary(run_dir)
+    return None if summary is None else RunSummary.from_dict(summary)
+
+
 def run_status(run_dir: str | Path) -> str:
     """finished, cancelled, failed, running, or interrupted (a run that died without finishing its record)."""
     return status_of(read_summary(run_dir))
 
 
-def status_of(summary: dict | None) -> str:
-    """The status a summary.json records, with a 'running' one whose process is gone read as interrupted."""
-    status = (summary or {}).get("status", "interrupted")
-    if status == "running" and not _alive(summary.get("pid")):
+def status_of(summary: RunSummary | Mapping[str, Any] | None) -> str:
+    """The status a summary records (a RunSummary, or summary.json's dict), with a 'running' one whose process is
+    gone read as interrupted; no summary, or one without a status, is interrupted too."""
+    if not isinstance(summary, RunSummary):
+        summary = RunSummary.from_dict(summary)
+    if summary.status == "running" and not _alive(summary.pid):
         return "interrupted"
-    return status
+    return summary.status
 
 
 def _alive(pid) -> bool:

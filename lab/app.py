@@ -209,7 +209,7 @@ def resume_run(run_name: str | None, request: gr.Request):
         view = RunView(status="failed", notices=[("error", str(e))])
         yield (*outputs_for(view), None)
         return
-    view.status, view.summary = "running", {}
+    view.status, view.summary = "running", None
     _close_paused_steppers()
     yield from _stream(lambda cancel: engine_resume(str(run_dir), cancel), view, session)
 

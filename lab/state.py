@@ -7,6 +7,7 @@ from typing import Any, Iterable
 
 from ebft_engine import (BlockFinished, BlockStarted, EvalFinished, Event, Notice, PhaseFinished, PhaseStarted,
                          RunFinished, RunStarted, StepLoss, ZeroShotFinished)
+from ebft_engine.summary import EvalInfo, RunSummary
 
 LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -30,12 +31,12 @@ class RunView:
     initial: dict[int, float] = field(default_factory=dict)
     final: dict[int, float] = field(default_factory=dict)
     ppl: dict[str, float] = field(default_factory=dict)
-    eval_info: dict[str, Any] = field(default_factory=dict)
+    eval_info: EvalInfo | None = None  # from the last evaluation, completed by the summary at the end
     sparsity: dict[str, dict[int, dict[str, float]]] = field(default_factory=dict)  # label -> block -> layer
     notices: list[tuple[str, str]] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     block_seconds: list[float] = field(default_factory=list)  # of the current phase, for the time-left guess
-    summary: dict[str, Any] = field(default_factory=dict)
+    summary: RunSummary | None = None  # once the run finished (RunFinished)
     events: int = 0
 
     def apply(self, event: Event) -> RunView:
@@ -49,35 +50,46 @@ class RunView:
             self.phase_seconds[key] = event.seconds
         elif isinstance(event, BlockStarted):
             self.block, self.total_blocks = event.block, event.total
-        elif isinstance(event, StepLoss) and event.block < 0:  # LoRA trains the whole model: its own curve
-            self.model_steps.setdefault(event.label, []).append((event.step, event.loss))
         elif isinstance(event, StepLoss):
-            if event.label != self.train_label:
-                self.train_label, self.steps, self.initial, self.final = event.label, {}, {}, {}
-            if event.step == 1:  # a block trained again (a resumed run redoes the block it stopped in)
-                self.steps[event.block] = []
-            self.steps.setdefault(event.block, []).append((event.step, event.loss))
+            self._step_loss(event)
         elif isinstance(event, BlockFinished):
-            self.block_seconds.append(event.seconds)
-            if event.layers:
-                self.sparsity.setdefault(event.label, {})[event.block] = dict(event.layers)
-            if event.initial_loss is not None:
-                self.train_label = event.label
-                self.initial[event.block] = event.initial_loss
-                if event.final_loss is not None:
-                    self.final[event.block] = event.final_loss
+            self._block_finished(event)
         elif isinstance(event, EvalFinished):
             self.ppl[event.label] = event.ppl
-            self.eval_info = {"source": event.source, "seqlen": event.seqlen, "windows": event.windows,
-                              "tokens": event.tokens, "partial": event.partial}
+            self.eval_info = EvalInfo(source=event.source, seqlen=event.seqlen, windows=event.windows,
+                                      tokens=event.tokens, partial=event.partial)
         elif isinstance(event, ZeroShotFinished):
             self.zeroshot[event.label] = dict(event.results)
         elif isinstance(event, Notice):
             self.notices.append((event.level, event.text))
         elif isinstance(event, RunFinished):
-            self.status, self.summary = event.status, event.summary
-            self.eval_info = {**self.eval_info, **(event.summary.get("eval") or {})}
+            self._finished(event)
         return self
+
+    def _step_loss(self, event: StepLoss) -> None:
+        if event.block < 0:  # LoRA trains the whole model: its own curve
+            self.model_steps.setdefault(event.label, []).append((event.step, event.loss))
+            return
+        if event.label != self.train_label:
+            self.train_label, self.steps, self.initial, self.final = event.label, {}, {}, {}
+        if event.step == 1:  # a block trained again (a resumed run redoes the block it stopped in)
+            self.steps[event.block] = []
+        self.steps.setdefault(event.block, []).append((event.step, event.loss))
+
+    def _block_finished(self, event: BlockFinished) -> None:
+        self.block_seconds.append(event.seconds)
+        if event.layers:
+            self.sparsity.setdefault(event.label, {})[event.block] = dict(event.layers)
+        if event.initial_loss is not None:
+            self.train_label = event.label
+            self.initial[event.block] = event.initial_loss
+            if event.final_loss is not None:
+                self.final[event.block] = event.final_loss
+
+    def _finished(self, event: RunFinished) -> None:
+        self.status, self.summary = event.status, RunSummary.from_dict(event.summary)
+        if self.summary.eval is not None:  # the description and the windows the text holds
+            self.eval_info = (self.eval_info or EvalInfo()).merged(self.summary.eval)
 
     # ---- derived -------------------------------------------------------------------------------------------
     @property

@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 
 from ebft_engine import read_events
-from ebft_engine.cli import PROTOCOL_128
-from ebft_engine.record import run_folders, status_of
+from ebft_engine.record import load_summary, run_folders, status_of
+from ebft_engine.summary import RunSummary
+from ebft_engine.summary import protocol as protocol_of
 
 from .state import RunView, fold
 
@@ -16,15 +17,8 @@ PPL_COLUMNS = ["model", "perplexity", "vs dense", "sparsity"]
 
 
 def protocol(view: RunView) -> str:
-    """The evaluation protocol in words: source, seqlen, windows, partial or full."""
-    info = view.eval_info
-    if not info:
-        return ""
-    total = info.get("total_windows")
-    windows = f"{info.get('windows')} of {total} windows" if total else f"{info.get('windows')} windows"
-    llm_pruner = PROTOCOL_128 if info.get("seqlen") == 128 else ""
-    return (f"{info.get('description') or info.get('source')}, seqlen {info.get('seqlen')}{llm_pruner}, {windows} "
-            f"({'partial' if info.get('partial') else 'full'}), {info.get('tokens')} tokens")
+    """The evaluation protocol in words (EvalInfo.protocol): source, seqlen, windows, partial or full, tokens."""
+    return protocol_of(view.eval_info)
 
 
 def _millions(n: int) -> str:
@@ -33,23 +27,9 @@ def _millions(n: int) -> str:
 
 def ppl_table(view: RunView) -> pd.DataFrame:
     dense = view.ppl.get("dense")
-    sparsity = (view.summary.get("actual_sparsity") or {}) if view.summary else {}
-    rows = []
-    for label, ppl in view.ppl.items():
-        s = sparsity.get(label)
-        if s is None and label in view.sparsity:
-            per = [v for layers in view.sparsity[label].values() for v in layers.values()]
-            s = sum(per) / len(per) if per else None
-        text = "" if s is None else f"{s:.2%}"
-        adapters = (view.summary.get("lora") or {}).get("adapter_params") if view.summary else None
-        if label == "lora" and adapters:
-            text += f" + {adapters / 1e6:.2f}M adapter weights"
-        params = (view.summary.get("params") or {}).get(label) if view.summary else None
-        structured = ((view.summary.get("config") or {}).get("prune") or {}).get("pattern") == "structured" \
-            if view.summary else False
-        if structured and params:  # structured pruning makes the model itself smaller
-            text = (text + ", " if text else "") + f"{_millions(params)} parameters"
-        rows.append([label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×", text])
+    summary = view.summary or RunSummary()  # empty while the run goes on
+    rows = [[label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×",
+             _sparsity_text(view, summary, label)] for label, ppl in view.ppl.items()]
     table = pd.DataFrame(rows, columns=PPL_COLUMNS)
     if view.zeroshot:  # one column per task: acc (acc_norm)
         tasks = list(dict.fromkeys(t for results in view.zeroshot.values() for t in results))
@@ -61,6 +41,23 @@ def ppl_table(view: RunView) -> pd.DataFrame:
     return table
 
 
+def _sparsity_text(view: RunView, summary: RunSummary, label: str) -> str:
+    """The sparsity cell: measured (the summary's, else the mean of the blocks' layers so far), LoRA's adapter
+    weights, and the parameter count when structured pruning made the model itself smaller."""
+    s = summary.actual_sparsity.get(label)
+    if s is None and label in view.sparsity:
+        per = [v for layers in view.sparsity[label].values() for v in layers.values()]
+        s = sum(per) / len(per) if per else None
+    text = "" if s is None else f"{s:.2%}"
+    adapters = summary.lora.adapter_params if summary.lora else None
+    if label == "lora" and adapters:
+        text += f" + {adapters / 1e6:.2f}M adapter weights"
+    params = summary.params.get(label)
+    if summary.structured and params:
+        text = (text + ", " if text else "") + f"{_millions(params)} parameters"
+    return text
+
+
 RESUMABLE = ("interrupted", "cancelled", "failed")  # statuses the History tab offers to resume
 
 
@@ -69,12 +66,12 @@ def list_runs(runs_dir: str | Path) -> pd.DataFrame:
     method, sparsity, and the perplexities they measured."""
     rows = []
     for folder in run_folders(runs_dir):
-        config, summary = _read_json(folder / "config.json"), _read_json(folder / "summary.json")
+        config, summary = _read_json(folder / "config.json"), load_summary(folder)
         if config is None:
             continue
         prune = config.get("prune", {})
         status = status_of(summary)
-        ppl = (summary or {}).get("ppl", {})
+        ppl = summary.ppl if summary else {}
         rows.append([folder.name, status, config.get("model"), prune.get("method"), prune.get("pattern"),
                      prune.get("sparsity"), _fmt(ppl.get("dense")), _fmt(ppl.get("ebft")),
                      ", ".join(f"{k} {v:.2f}" for k, v in ppl.items() if k not in ("dense", "ebft"))])
