@@ -32,33 +32,49 @@ def _millions(n: int) -> str:
 
 
 def ppl_table(view: RunView) -> pd.DataFrame:
+    """One row per evaluated model: perplexity, ratio to dense, measured sparsity (and size); then one column per
+    zero-shot task: acc (acc_norm)."""
     dense = view.ppl.get("dense")
-    sparsity = (view.summary.get("actual_sparsity") or {}) if view.summary else {}
-    rows = []
-    for label, ppl in view.ppl.items():
-        s = sparsity.get(label)
-        if s is None and label in view.sparsity:
-            per = [v for layers in view.sparsity[label].values() for v in layers.values()]
-            s = sum(per) / len(per) if per else None
-        text = "" if s is None else f"{s:.2%}"
-        adapters = (view.summary.get("lora") or {}).get("adapter_params") if view.summary else None
-        if label == "lora" and adapters:
-            text += f" + {adapters / 1e6:.2f}M adapter weights"
-        params = (view.summary.get("params") or {}).get(label) if view.summary else None
-        structured = ((view.summary.get("config") or {}).get("prune") or {}).get("pattern") == "structured" \
-            if view.summary else False
-        if structured and params:  # structured pruning makes the model itself smaller
-            text = (text + ", " if text else "") + f"{_millions(params)} parameters"
-        rows.append([label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×", text])
+    rows = [[label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×",
+             _size_text(view, label)] for label, ppl in view.ppl.items()]
     table = pd.DataFrame(rows, columns=PPL_COLUMNS)
-    if view.zeroshot:  # one column per task: acc (acc_norm)
-        tasks = list(dict.fromkeys(t for results in view.zeroshot.values() for t in results))
-        for task in tasks:
-            table[f"{task} acc (norm)"] = [
-                "" if task not in view.zeroshot.get(label, {}) else
-                f"{view.zeroshot[label][task].get('acc', float('nan')):.3f} "
-                f"({view.zeroshot[label][task].get('acc_norm', float('nan')):.3f})" for label in table["model"]]
+    for task in dict.fromkeys(t for results in view.zeroshot.values() for t in results):
+        table[f"{task} acc (norm)"] = [_zeroshot_cell(view.zeroshot.get(label, {}).get(task))
+                                       for label in table["model"]]
     return table
+
+
+def _measured_sparsity(view: RunView, label: str) -> float | None:
+    """The run's summary figure, else the mean of the per-layer sparsities measured so far."""
+    s = ((view.summary or {}).get("actual_sparsity") or {}).get(label)
+    if s is None and label in view.sparsity:
+        per = [v for layers in view.sparsity[label].values() for v in layers.values()]
+        s = sum(per) / len(per) if per else None
+    return s
+
+
+def _size_text(view: RunView, label: str) -> str:
+    """The sparsity column: the measured sparsity, LoRA's adapter weights, a structured model's parameters."""
+    s = _measured_sparsity(view, label)
+    text = "" if s is None else f"{s:.2%}"
+    summary = view.summary or {}
+    adapters = (summary.get("lora") or {}).get("adapter_params")
+    if label == "lora" and adapters:
+        text += f" + {adapters / 1e6:.2f}M adapter weights"
+    params = (summary.get("params") or {}).get(label)
+    if params and _structured(summary):  # structured pruning makes the model itself smaller
+        text = (text + ", " if text else "") + f"{_millions(params)} parameters"
+    return text
+
+
+def _structured(summary: dict) -> bool:
+    return ((summary.get("config") or {}).get("prune") or {}).get("pattern") == "structured"
+
+
+def _zeroshot_cell(result: dict | None) -> str:
+    if result is None:
+        return ""
+    return f"{result.get('acc', float('nan')):.3f} ({result.get('acc_norm', float('nan')):.3f})"
 
 
 RESUMABLE = ("interrupted", "cancelled", "failed")  # statuses the History tab offers to resume
