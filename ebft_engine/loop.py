@@ -27,6 +27,7 @@ from .errors import Cancelled
 from .events import BlockFinished, BlockStarted, Event, Notice
 from .evaluate import INFER_BATCH
 from .sparsity import StatsCollector
+from .summary import BlockRow
 
 
 @dataclass
@@ -62,7 +63,7 @@ class BlockRun(Protocol):
     def cancelled(self) -> bool: ...
     def call(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
     def variant_started(self, label: str, start: int, sparsities: list[float]) -> None: ...
-    def block_done(self, label: str, index: int, row: dict[str, Any] | None, dead: dict[str, int]) -> None: ...
+    def block_done(self, label: str, index: int, row: BlockRow | None, dead: dict[str, int]) -> None: ...
     def variant_done(self, label: str, tally: "VariantTally") -> Iterator[Event]: ...
     def checkpoint(self, label: str, index: int, block: nn.Module, kept: dict[str, list[int]] | None) -> None: ...
 
@@ -131,8 +132,7 @@ def block_loop(run: BlockRun, variant: Variant) -> Iterator[Event]:
         done = BlockFinished(label=label, block=i, total=n_blocks, initial_loss=initial, final_loss=final,
                              seconds=time.perf_counter() - t_block, sparsity=zeros / total, layers=layers)
         if trains:  # the block's row survives a crash
-            run.block_done(label, i, {"label": label, "index": i, "initial_loss": initial, "final_loss": final,
-                                      "seconds": done.seconds, "sparsity": done.sparsity}, {})
+            run.block_done(label, i, BlockRow(label, i, initial, final, done.seconds, done.sparsity), {})
         yield done
     yield from run.variant_done(label, tally)
 

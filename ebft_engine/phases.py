@@ -14,10 +14,11 @@ from .errors import ConfigError, EbftError
 from .events import EvalFinished, Event, Notice, ZeroShotFinished
 from .evaluate import perplexity
 from .identity import check_same_model, model_identity, read_identity, write_identity
-from .models import (LlamaAdapter, count_params, load_config, load_model_cached, read_structure, resolve_source,
+from .models import (adapter_for, count_params, load_config, load_model_cached, read_structure, resolve_source,
                      save_structure)
 from .planner import GiB, capacities, plan_memory, remedy
 from .sparsity import structured as st
+from .summary import CalibInfo, EvalInfo, MemoryPlanInfo, PrecisionInfo
 
 
 def load(run) -> Iterator[Event]:
@@ -27,10 +28,11 @@ def load(run) -> Iterator[Event]:
     model_config = run.model_config = load_config(source)
     run.eval_seqlen = check_against_model(cfg, model_config, read_structure(source))
     p = run.precision = pick_precision(pick_device(cfg.device), cfg.dtype, count_params(model_config))
+    run.summary.precision = PrecisionInfo.of(p)
     yield _plan(run, model_config)
     _check_disk(run, model_config)
     run.model, run.tokenizer, run.dense = load_model_cached(source, p.storage, count_params(model_config))
-    run.adapter = LlamaAdapter(run.model)
+    run.adapter = adapter_for(run.model)
     # the model this run is on, recorded when it starts; a resumed run must be on the same one
     identity = model_identity(source, model_config)
     if read_identity(run.record.dir) is None:
@@ -41,7 +43,7 @@ def load(run) -> Iterator[Event]:
     # matrices; a model saved structurally pruned is loaded with them, and they are its dense sizes)
     run.dense_numel = [st.dense_numel(model_config, c) for c in st.loaded_counts(run.model)]
     n_params = sum(t.numel() for t in run.model.parameters())
-    run.params.setdefault("dense", n_params)
+    run.summary.params.setdefault("dense", n_params)
     yield Notice("info", f"loaded {source.label}: {run.adapter.num_blocks} blocks, {n_params / 1e6:.0f}M parameters; "
                          f"device {p.device}, weights {dtype_name(p.storage)}, compute {dtype_name(p.compute)}")
 
@@ -52,6 +54,7 @@ def _plan(run, model_config) -> Notice:
     device_capacity, host_capacity = capacities(p.device)
     run.plan = plan_memory(model_config, cfg, p, device_capacity=device_capacity, host_capacity=host_capacity,
                            gguf=run.source.gguf_file is not None)
+    run.summary.memory_plan = MemoryPlanInfo.of(run.plan)  # a refused run's summary still says why
     if run.plan.problem:
         raise ConfigError("memory", run.plan.problem, remedy(run.plan, model_config, cfg, p))
     return Notice("info", run.plan.summary())
@@ -78,9 +81,9 @@ def prepare_data(run) -> Iterator[Event]:
     run.eval_ids, description = evaluation_tokens(run.tokenizer, cfg.eval.source, run.eval_seqlen)
     total = run.eval_ids.shape[1] // run.eval_seqlen
     windows = total if cfg.eval.windows is None else min(cfg.eval.windows, total)
-    run.eval_info = {"source": cfg.eval.source, "description": description, "seqlen": run.eval_seqlen,
-                     "windows": windows, "total_windows": total, "tokens": windows * run.eval_seqlen,
-                     "partial": windows < total}
+    run.summary.eval = EvalInfo(source=cfg.eval.source, description=description, seqlen=run.eval_seqlen,
+                                windows=windows, total_windows=total, tokens=windows * run.eval_seqlen,
+                                partial=windows < total)
     yield Notice("info", f"evaluation: {description}, {windows} of {total} windows of {run.eval_seqlen} tokens "
                          f"({'partial' if windows < total else 'full'})")
     if cfg.calib.source == "self":
@@ -98,8 +101,8 @@ def prepare_data(run) -> Iterator[Event]:
         generated = calibration_tokens(run.tokenizer, "self", cfg.calib.self_nsamples, cfg.calib.seqlen, cfg.seed,
                                        model=run.model, precision=run.precision)
         run.calib_ids = torch.cat([run.calib_ids, generated])
-    run.calib_info = {"source": cfg.calib.source, "nsamples": cfg.calib.nsamples, "seqlen": cfg.calib.seqlen,
-                      "self_nsamples": cfg.calib.self_nsamples, "tokens": int(run.calib_ids.numel())}
+    run.summary.calibration = CalibInfo(cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen,
+                                        cfg.calib.self_nsamples, int(run.calib_ids.numel()))
 
 
 def _generating(run, nsamples: int, what: str) -> Notice:
@@ -114,7 +117,7 @@ def evaluate(run, label: str) -> Iterator[Event]:
     started = run.clock()
     res = perplexity(run.adapter, run.eval_ids, run.eval_seqlen, run.precision, windows=run.config.eval.windows,
                      cancelled=run.cancelled, label=label)
-    run.ppl[label] = res.ppl
+    run.summary.ppl[label] = res.ppl
     run.write_summary()  # a finished number survives a crash
     yield EvalFinished(label=label, ppl=res.ppl, source=run.config.eval.source, seqlen=res.seqlen,
                        windows=res.windows, tokens=res.tokens, partial=res.partial, seconds=run.clock() - started)
@@ -134,7 +137,7 @@ def zero_shot(run, label: str) -> Iterator[Event]:
                                         include=ev.zeroshot_include, limit=ev.zeroshot_limit)
     finally:
         run.model.to("cpu")
-    run.zeroshot[label] = results
+    run.summary.zeroshot[label] = results
     run.write_summary()
     yield ZeroShotFinished(label=label, results=results, limit=ev.zeroshot_limit, seconds=run.clock() - started)
 

@@ -24,6 +24,7 @@ from .models import load_config, resolve_source
 from .planner import is_out_of_memory
 from .record import RunRecord, new_run_id, read_summary, status_of
 from .runner import Run
+from .summary import RunError
 from .sparsity.owl import OWL_BOUNDS, owl_sparsities, owl_spread
 
 __all__ = ["DEFAULT_EVAL_SEQLEN_CAP", "OWL_BOUNDS", "check_against_model", "owl_sparsities", "owl_spread",
@@ -142,7 +143,7 @@ def _drive(state: Run, resumed: bool, note: Notice | None = None) -> Iterator[Ev
         state.finish("cancelled")
         raise
     except EbftError as e:
-        state.error = {"field": getattr(e, "field", None), "message": str(e)}
+        state.summary.error = RunError(getattr(e, "field", None), str(e))
         yield state.emit(Notice("error", str(e)))
     except Exception as e:  # a bug or a torch failure: keep the traceback in the run folder, say it plainly
         if is_out_of_memory(e):  # torch's OutOfMemoryError, or a cuBLAS/cuSOLVER allocation failure

@@ -24,6 +24,7 @@ from .finetune import finetune_block
 from .finetune.lora import lora_adapters, merge_and_remask, train_lora
 from .loop import BlockMasks, BlockRun, forward, stream_map
 from .sparsity import StatsCollector
+from .summary import LoraInfo
 
 
 class PruneOnly:
@@ -62,7 +63,7 @@ class PruneOnly:
 
     def after(self, run, label: str) -> Iterator[Event]:
         """Once every block is done: evaluate (a resumed run keeps a perplexity it already has)."""
-        if label not in run.ppl:
+        if label not in run.summary.ppl:
             yield from run.evaluate(label)
 
 
@@ -154,23 +155,23 @@ class Lora(PruneOnly):
 
     def after(self, run, label: str) -> Iterator[Event]:
         cfg, structured = run.config.lora, run.config.prune.structured
-        budget = run.seconds.get("ebft:ebft") if cfg.budget == "ebft" else None
+        budget = run.summary.seconds.get("ebft:ebft") if cfg.budget == "ebft" else None
         if cfg.budget == "ebft" and budget is None:
             yield Notice("warning", "lora.budget is ebft but EBFT did not run first in this run: LoRA trains for "
                                     f"{cfg.epochs} epochs instead")
         run.stage, run.where = "lora", "the LoRA training"
         with lora_adapters(run.model, cfg, structured=structured) as peft_model:
             result = yield from run.phase("lora", "lora", _train_lora(run, peft_model, budget))
-            run.lora_info = {"steps": result.steps, "epochs": round(result.epochs, 2),
-                             "seconds": round(result.seconds, 1), "adapter_params": result.adapter_params,
-                             "targets": cfg.target_modules(structured), "rank": cfg.rank, "alpha": cfg.alpha,
-                             "budget": "ebft's time" if budget else f"{cfg.epochs} epochs",
-                             "first_loss": result.first_loss, "last_loss": result.last_loss}
-            if "lora" not in run.ppl:
+            run.summary.lora = LoraInfo(
+                steps=result.steps, epochs=round(result.epochs, 2), seconds=round(result.seconds, 1),
+                adapter_params=result.adapter_params, targets=cfg.target_modules(structured), rank=cfg.rank,
+                alpha=cfg.alpha, budget="ebft's time" if budget else f"{cfg.epochs} epochs",
+                first_loss=result.first_loss, last_loss=result.last_loss)
+            if "lora" not in run.summary.ppl:
                 yield from run.evaluate("lora")
             merge_and_remask(peft_model, remask=not structured)
         run.measure("lora-merged")
-        if "lora-merged" not in run.ppl:
+        if "lora-merged" not in run.summary.ppl:
             yield from run.evaluate("lora-merged")
 
 

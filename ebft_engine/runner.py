@@ -24,6 +24,7 @@ from .models import FileBackedBlocks, restore_blocks
 from .planner import GiB, oom_remedy
 from .pruners import make_pruner
 from .record import RunRecord, write_json_atomic
+from .summary import BlockRow, DeadChannels, RunSummary
 from .recoveries import make_recovery
 from .sparsity import structured as st
 
@@ -38,28 +39,12 @@ class Run:
         self.config, self.record, self.cancelled = config, record, cancelled
         self.checkpoints = Checkpoints(record.dir)
         self.started = time.perf_counter()
-        prev = previous or {}
-        self.seconds: dict[str, float] = {k: float(v) for k, v in (prev.get("seconds") or {}).items()}
-        self.elapsed_before = self.seconds.pop("total", 0.0)  # time the run spent before it was resumed
-        self.ppl: dict[str, float] = dict(prev.get("ppl") or {})
-        self.sparsity: dict[str, float] = dict(prev.get("actual_sparsity") or {})
-        self.masks: dict[str, str] = dict(prev.get("mask_sha256") or {})
-        self.profiles: dict[str, list[float]] = dict(prev.get("sparsity_profile") or {})
-        self.lora_info: dict[str, Any] = dict(prev.get("lora") or {})
-        self.zeroshot: dict[str, dict[str, Any]] = dict(prev.get("zeroshot") or {})
-        self.blocks: list[dict[str, Any]] = list(prev.get("blocks") or [])
-        self.params: dict[str, int] = dict(prev.get("params") or {})
-        self.structure: dict[str, list[dict[str, int] | None]] = dict(prev.get("structure") or {})
-        # label -> block -> layer -> weights kept by the mask but zero because their input channel never fires
-        self.dead_weights: dict[str, dict[str, dict[str, int]]] = {
-            label: dict(entry.get("blocks") or {}) for label, entry in (prev.get("dead_channel_weights") or {}).items()}
-        self.eval_info: dict[str, Any] = {}
-        self.calib_info: dict[str, Any] = {}
+        # everything measured (a resumed run's numbers carried over from ``previous``): summary.json's content
+        self.summary = RunSummary.start(record.dir.name, config.to_dict(), previous)
         self.precision = self.model_config = self.plan = self.adapter = self.dense = self._kwargs = None
         # what the run is doing, for a message if memory runs out: the stage picks the remedy (planner.oom_remedy)
         self.stage, self.where = "start", "starting"
         self.finished_summary: dict[str, Any] | None = None
-        self.error: dict[str, Any] | None = None  # why the run failed: {"field": a ConfigError's or None, "message"}
         record.write_config(config.to_dict())
         self.write_summary()  # a crash leaves this: the folder says it never finished
 
@@ -76,7 +61,7 @@ class Run:
         _seed_everything(cfg.seed)
         yield from self.phase("load", "", phases.load(self), announce=cfg.model)
         yield from self.phase("data", "", phases.prepare_data(self))
-        if "dense" not in self.ppl:  # a resumed run keeps every number it had already measured
+        if "dense" not in self.summary.ppl:  # a resumed run keeps every number it had already measured
             yield from self.evaluate("dense")
         variants = self.variants()
         # Variants still to do; the last one again when the model is to be saved, restored from its checkpoint.
@@ -104,7 +89,7 @@ class Run:
         return out
 
     def done(self, variant: Variant) -> bool:
-        return all(label in self.ppl for label in variant.recovery.labels(variant.label))
+        return all(label in self.summary.ppl for label in variant.recovery.labels(variant.label))
 
     def _keep_dense(self) -> Iterator[Event]:
         """The dense blocks to restore between variants: from the model's files, else a copy in host memory."""
@@ -121,14 +106,13 @@ class Run:
         started = time.perf_counter()
         result = yield from work
         seconds = time.perf_counter() - started
-        key = f"{name}:{label}" if label else name
-        self.seconds[key] = self.seconds.get(key, 0.0) + seconds
+        self.summary.add_seconds(f"{name}:{label}" if label else name, seconds)
         yield PhaseFinished(name, label, seconds)
         return result
 
     def evaluate(self, label: str) -> Iterator[Event]:
         yield from self.phase("eval", label, phases.evaluate(self, label))
-        if self.config.eval.zeroshot and label not in self.zeroshot:
+        if self.config.eval.zeroshot and label not in self.summary.zeroshot:
             yield from self.phase("zeroshot", label, phases.zero_shot(self, label))
 
     # ---- services of the block loop (loop.BlockRun) -----------------------------------------------------
@@ -140,17 +124,16 @@ class Run:
         return self.adapter.call_block(block, x, self._kwargs)
 
     def variant_started(self, label: str, start: int, sparsities: list[float]) -> None:
-        self.profiles[label] = [round(s, 6) for s in sparsities]
+        self.summary.sparsity_profile[label] = [round(s, 6) for s in sparsities]
         # the rows and dead-channel counts of the blocks being restored stay; the blocks still to do add theirs
-        self.blocks = [b for b in self.blocks if b.get("label", "ebft") != label or b.get("index", start) < start]
-        self.dead_weights[label] = {b: d for b, d in self.dead_weights.get(label, {}).items() if int(b) < start}
+        self.summary.restart_blocks(label, start)
+        self.summary.restart_dead_channels(label, start)
 
-    def block_done(self, label: str, index: int, row: dict[str, Any] | None, dead: dict[str, int]) -> None:
-        if dead:
-            self.dead_weights[label][str(index)] = dead
+    def block_done(self, label: str, index: int, row: BlockRow | None, dead: dict[str, int]) -> None:
+        recorded = self.summary.add_dead_channels(label, index, dead)
         if row is not None:
-            self.blocks.append(row)
-        if dead or row is not None:
+            self.summary.blocks.append(row)
+        if recorded or row is not None:
             self.write_summary()
 
     def checkpoint(self, label: str, index: int, block: nn.Module, kept: dict[str, list[int]] | None) -> None:
@@ -162,24 +145,25 @@ class Run:
                             f"python -m ebft_engine run --resume {self.record.dir}") from None
 
     def variant_done(self, label: str, tally: VariantTally) -> Iterator[Event]:
-        self.sparsity[label], self.masks[label] = tally.sparsity, tally.mask_sha256
-        dead_total, dead_layers = _dead_totals(self.dead_weights.get(label))
-        if dead_total:
-            yield Notice("warning", f"{label}: {dead_total:,} weights in {dead_layers} layers were zeroed because "
+        summary = self.summary
+        summary.actual_sparsity[label], summary.mask_sha256[label] = tally.sparsity, tally.mask_sha256
+        dead = summary.dead_channel_weights.get(label, DeadChannels())
+        if dead.weights:
+            yield Notice("warning", f"{label}: {dead.weights:,} weights in {dead.layers} layers were zeroed because "
                                     "their input channel never fires (dead channels, as the reference SparseGPT "
                                     f"does); measured sparsity {tally.sparsity:.1%} vs "
                                     f"{self.config.prune.sparsity:.1%} asked")
-        self.params[label] = sum(t.numel() for t in self.model.parameters())
+        summary.params[label] = sum(t.numel() for t in self.model.parameters())
         if self.config.prune.structured:
-            self.structure[label] = [st.counts(b) for b in self.adapter.blocks]
+            summary.structure[label] = [st.counts(b) for b in self.adapter.blocks]
 
     def measure(self, label: str) -> None:
         """The measured sparsity and size of the model as it is now (a model recovery's merged result)."""
         tally = VariantTally(self.dense_numel)
         for i, block in enumerate(self.adapter.blocks):
             tally.add(self.adapter.linears(block), i, BlockMasks())
-        self.sparsity[label] = tally.sparsity
-        self.params[label] = sum(t.numel() for t in self.model.parameters())
+        self.summary.actual_sparsity[label] = tally.sparsity
+        self.summary.params[label] = sum(t.numel() for t in self.model.parameters())
 
     # ---- failure, summary -------------------------------------------------------------------------------
     def out_of_memory(self) -> str:
@@ -206,13 +190,13 @@ class Run:
             torch.cuda.empty_cache()
 
     def write_summary(self) -> None:
-        self.record.write_summary(self.summary("running"))
+        self.record.write_summary(self.summary.snapshot("running", time.perf_counter() - self.started))
 
     def finish(self, status: str) -> dict[str, Any]:
         """The summary (written to summary.json and --json-out); safe to call at any point of the run."""
         if self.finished_summary is not None:
             return self.finished_summary
-        summary = self.summary(status)
+        summary = self.summary.snapshot(status, time.perf_counter() - self.started)
         self.record.write_summary(summary)
         if status == "finished":
             self.checkpoints.clear()  # nothing left to resume: give the disk back
@@ -223,34 +207,6 @@ class Run:
                 log.error("could not write --json-out %s: %s", self.config.json_out, e)
         self.finished_summary = summary
         return summary
-
-    def summary(self, status: str) -> dict[str, Any]:
-        p = self.precision
-        self.seconds["total"] = self.elapsed_before + time.perf_counter() - self.started
-        return {
-            "run_id": self.record.dir.name, "status": status, "model": self.config.model,
-            "ppl": dict(self.ppl), "actual_sparsity": dict(self.sparsity),
-            "mask_sha256": dict(self.masks), "sparsity_profile": dict(self.profiles), "blocks": list(self.blocks),
-            "lora": dict(self.lora_info), "zeroshot": dict(self.zeroshot),
-            "params": dict(self.params), "structure": dict(self.structure),
-            "dead_channel_weights": {
-                label: dict(zip(("weights", "layers"), _dead_totals(blocks)), blocks=dict(blocks))
-                for label, blocks in self.dead_weights.items() if blocks},
-            "eval": dict(self.eval_info), "calibration": dict(self.calib_info), "seconds": dict(self.seconds),
-            "precision": None if p is None else {"device": str(p.device), "storage": phases.dtype_name(p.storage),
-                                                 "compute": phases.dtype_name(p.compute)},
-            "memory_plan": None if self.plan is None else {
-                "activations": self.plan.activations,
-                "phases": {ph.phase: {"device_gib": round(ph.device / GiB, 3), "host_gib": round(ph.host / GiB, 3)}
-                           for ph in self.plan.phases}},
-            "config": self.config.to_dict(), "pid": os.getpid(), "error": self.error,
-        }
-
-
-def _dead_totals(blocks: dict[str, dict[str, int]] | None) -> tuple[int, int]:
-    """(weights, layers) of one variant's dead-channel counts (block -> layer -> weights)."""
-    layers = [n for per_layer in (blocks or {}).values() for n in per_layer.values()]
-    return sum(layers), len(layers)
 
 
 def _seed_everything(seed: int) -> None:

@@ -25,13 +25,7 @@ def loss_curves(view: RunView) -> go.Figure:
     fig = go.Figure()
     current = max(view.steps) if view.steps else None
     for block in sorted(view.steps):
-        points = view.steps[block]
-        live = block == current and view.status == "running"
-        xs = [0] + [s for s, _ in points] if block in view.initial else [s for s, _ in points]
-        ys = [view.initial[block]] + [l for _, l in points] if block in view.initial else [l for _, l in points]
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"block {block}",
-                                 line=dict(color=ACCENT if live else FADED, width=3 if live else 1.2),
-                                 opacity=1.0 if live else 0.45))
+        fig.add_trace(_block_curve(view, block, live=block == current and view.status == "running"))
     if view.initial:
         blocks = sorted(view.initial)
         fig.add_trace(go.Scatter(x=[0] * len(blocks), y=[view.initial[b] for b in blocks], mode="markers",
@@ -39,6 +33,16 @@ def loss_curves(view: RunView) -> go.Figure:
                                  text=[f"block {b}" for b in blocks]))
     return _layout(fig, "Reconstruction loss while EBFT trains", "step within block", "MSE vs dense block",
                    log_y=True)
+
+
+def _block_curve(view: RunView, block: int, live: bool) -> go.Scatter:
+    """One block's losses, from its loss before training (step 0) when it is known."""
+    xs, ys = [s for s, _ in view.steps[block]], [l for _, l in view.steps[block]]
+    if block in view.initial:
+        xs, ys = [0] + xs, [view.initial[block]] + ys
+    return go.Scatter(x=xs, y=ys, mode="lines", name=f"block {block}",
+                      line=dict(color=ACCENT if live else FADED, width=3 if live else 1.2),
+                      opacity=1.0 if live else 0.45)
 
 
 def loss_bars(view: RunView) -> go.Figure:

@@ -30,6 +30,14 @@ def check(config: RunConfig, spaces: bool | None = None) -> RunConfig:
     """Return the config if this deployment allows it; raise ConfigError saying what to change otherwise."""
     if not (on_spaces() if spaces is None else spaces):
         return config
+    _check_local_paths(config)
+    _check_zeroshot(config)
+    _check_sizes(config)
+    return config
+
+
+def _check_local_paths(config: RunConfig) -> None:
+    """A Space reads no local model or data file, and writes no model."""
     model = config.model
     if model not in PRESET_MODELS and (model.startswith(("/", ".", "~")) or model.endswith(".gguf")
                                        or Path(model).exists() or model.count("/") != 1):
@@ -41,12 +49,18 @@ def check(config: RunConfig, spaces: bool | None = None) -> RunConfig:
             raise ConfigError(name, "local files cannot be read on this Space", f"use {', '.join(sources)}")
     if config.save_model:
         raise ConfigError("save_model", "this Space does not save models to disk", "run the lab locally to save")
+
+
+def _check_zeroshot(config: RunConfig) -> None:
     if config.eval.zeroshot and (config.eval.zeroshot_limit or 10 ** 9) > 100:
         raise ConfigError("eval.zeroshot_limit", "full zero-shot tasks are too long for this Space",
                           "set at most 100 examples per task, or run the lab locally")
     if config.eval.zeroshot_include:
         raise ConfigError("eval.zeroshot_include", "local task folders cannot be read on this Space",
                           "use lm-eval's own task names")
+
+
+def _check_sizes(config: RunConfig) -> None:
     for name, limit in SPACES_LIMITS.items():
         section, field = name.split(".")
         value = getattr(getattr(config, section), field)
@@ -56,7 +70,6 @@ def check(config: RunConfig, spaces: bool | None = None) -> RunConfig:
         if value is not None and value > limit:
             raise ConfigError(name, f"{value} is above this Space's limit of {limit}",
                               f"use at most {limit}, or run the lab locally")
-    return config
 
 
 def server_options(env: dict[str, str] | None = None) -> dict[str, object]:

@@ -41,30 +41,24 @@ class RunView:
 
     def apply(self, event: Event) -> RunView:
         self.events += 1
-        if isinstance(event, RunStarted):
-            self.run_id, self.run_dir, self.config, self.status = event.run_id, event.run_dir, event.config, "running"
-        elif isinstance(event, PhaseStarted):
-            self.phase, self.phase_label, self.block, self.block_seconds = event.phase, event.label, None, []
-        elif isinstance(event, PhaseFinished):
-            key = f"{event.phase}:{event.label}" if event.label else event.phase
-            self.phase_seconds[key] = event.seconds
-        elif isinstance(event, BlockStarted):
-            self.block, self.total_blocks = event.block, event.total
-        elif isinstance(event, StepLoss):
-            self._step_loss(event)
-        elif isinstance(event, BlockFinished):
-            self._block_finished(event)
-        elif isinstance(event, EvalFinished):
-            self.ppl[event.label] = event.ppl
-            self.eval_info = EvalInfo(source=event.source, seqlen=event.seqlen, windows=event.windows,
-                                      tokens=event.tokens, partial=event.partial)
-        elif isinstance(event, ZeroShotFinished):
-            self.zeroshot[event.label] = dict(event.results)
-        elif isinstance(event, Notice):
-            self.notices.append((event.level, event.text))
-        elif isinstance(event, RunFinished):
-            self._finished(event)
+        handler = _APPLY.get(type(event))
+        if handler is not None:
+            handler(self, event)
         return self
+
+    # ---- one method per kind of event (see _APPLY) ---------------------------------------------------------
+    def _run_started(self, event: RunStarted) -> None:
+        self.run_id, self.run_dir, self.config, self.status = event.run_id, event.run_dir, event.config, "running"
+
+    def _phase_started(self, event: PhaseStarted) -> None:
+        self.phase, self.phase_label, self.block, self.block_seconds = event.phase, event.label, None, []
+
+    def _phase_finished(self, event: PhaseFinished) -> None:
+        key = f"{event.phase}:{event.label}" if event.label else event.phase
+        self.phase_seconds[key] = event.seconds
+
+    def _block_started(self, event: BlockStarted) -> None:
+        self.block, self.total_blocks = event.block, event.total
 
     def _step_loss(self, event: StepLoss) -> None:
         if event.block < 0:  # LoRA trains the whole model: its own curve
@@ -86,7 +80,18 @@ class RunView:
             if event.final_loss is not None:
                 self.final[event.block] = event.final_loss
 
-    def _finished(self, event: RunFinished) -> None:
+    def _eval_finished(self, event: EvalFinished) -> None:
+        self.ppl[event.label] = event.ppl
+        self.eval_info = EvalInfo(source=event.source, seqlen=event.seqlen, windows=event.windows,
+                                  tokens=event.tokens, partial=event.partial)
+
+    def _zeroshot_finished(self, event: ZeroShotFinished) -> None:
+        self.zeroshot[event.label] = dict(event.results)
+
+    def _notice(self, event: Notice) -> None:
+        self.notices.append((event.level, event.text))
+
+    def _run_finished(self, event: RunFinished) -> None:
         self.status, self.summary = event.status, RunSummary.from_dict(event.summary)
         if self.summary.eval is not None:  # the description and the windows the text holds
             self.eval_info = (self.eval_info or EvalInfo()).merged(self.summary.eval)
@@ -111,6 +116,13 @@ class RunView:
     @property
     def errors(self) -> list[str]:
         return [text for level, text in self.notices if level == "error"]
+
+
+# What each kind of event does to the view (the engine's event classes are final: looked up by exact type).
+_APPLY = {RunStarted: RunView._run_started, PhaseStarted: RunView._phase_started,
+          PhaseFinished: RunView._phase_finished, BlockStarted: RunView._block_started, StepLoss: RunView._step_loss,
+          BlockFinished: RunView._block_finished, EvalFinished: RunView._eval_finished,
+          ZeroShotFinished: RunView._zeroshot_finished, Notice: RunView._notice, RunFinished: RunView._run_finished}
 
 
 def fold(events: Iterable[Event]) -> RunView:

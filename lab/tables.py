@@ -26,18 +26,16 @@ def _millions(n: int) -> str:
 
 
 def ppl_table(view: RunView) -> pd.DataFrame:
+    """One row per evaluated model: perplexity, ratio to dense, measured sparsity (and size); then one column per
+    zero-shot task: acc (acc_norm)."""
     dense = view.ppl.get("dense")
     summary = view.summary or RunSummary()  # empty while the run goes on
     rows = [[label, round(ppl, 3), "" if dense is None or label == "dense" else f"{ppl / dense:.2f}×",
              _sparsity_text(view, summary, label)] for label, ppl in view.ppl.items()]
     table = pd.DataFrame(rows, columns=PPL_COLUMNS)
-    if view.zeroshot:  # one column per task: acc (acc_norm)
-        tasks = list(dict.fromkeys(t for results in view.zeroshot.values() for t in results))
-        for task in tasks:
-            table[f"{task} acc (norm)"] = [
-                "" if task not in view.zeroshot.get(label, {}) else
-                f"{view.zeroshot[label][task].get('acc', float('nan')):.3f} "
-                f"({view.zeroshot[label][task].get('acc_norm', float('nan')):.3f})" for label in table["model"]]
+    for task in dict.fromkeys(t for results in view.zeroshot.values() for t in results):
+        table[f"{task} acc (norm)"] = [_zeroshot_cell(view.zeroshot.get(label, {}).get(task))
+                                       for label in table["model"]]
     return table
 
 
@@ -56,6 +54,12 @@ def _sparsity_text(view: RunView, summary: RunSummary, label: str) -> str:
     if summary.structured and params:
         text = (text + ", " if text else "") + f"{_millions(params)} parameters"
     return text
+
+
+def _zeroshot_cell(result: dict | None) -> str:
+    if result is None:
+        return ""
+    return f"{result.get('acc', float('nan')):.3f} ({result.get('acc_norm', float('nan')):.3f})"
 
 
 RESUMABLE = ("interrupted", "cancelled", "failed")  # statuses the History tab offers to resume

@@ -91,8 +91,8 @@ def test_a_real_summary_reads_into_typed_fields(tiny_run):
 
 
 def test_start_carries_what_the_pipeline_carries_on_resume(tiny_run, tmp_path):
-    """RunSummary.start(previous) against what pipeline._Run writes when it takes up a run today."""
-    from ebft_engine.pipeline import _Run
+    """RunSummary.start(previous) against what runner.Run writes when it takes up a run."""
+    from ebft_engine.runner import Run as _Run
     from ebft_engine.record import RunRecord
 
     previous = dict(tiny_run.file, status="cancelled", error={"field": None, "message": "stopped"},

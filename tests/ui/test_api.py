@@ -3,14 +3,24 @@ from __future__ import annotations
 
 import time
 
-from lab.app import CONTROL_FIELDS, config_to_values, load_preset
+from lab.panels.preset import load_preset
 
 
 def _values(**overrides):
-    values = config_to_values(load_preset("tiny-random"))
-    for name, value in overrides.items():
-        values[CONTROL_FIELDS.index(name)] = value
-    return values
+    """The tiny-random preset's control values, some overridden by field path, in the order the HTTP API takes
+    them (the order the page creates its controls in: Controls.api_order)."""
+    import gradio as gr
+
+    from lab.controls import Controls, config_to_values
+    from lab.panels import create_setup_panels
+
+    config = load_preset("tiny-random")
+    with gr.Blocks():
+        controls = Controls(create_setup_panels(config, spaces=False))
+    values = config_to_values(config, controls.api_order)
+    assert set(overrides) <= set(values), f"not a control: {set(overrides) - set(values)}"
+    values.update(overrides)
+    return list(values.values())
 
 
 def _losses(plot_output) -> list[float]:
@@ -175,7 +185,7 @@ def test_a_stopped_run_is_offered_in_history_and_resumes_to_the_end(lab_url, tmp
 
     with pytest.raises(AppError, match="not in the list of choices"):
         client.predict("../../etc", api_name="/resume")
-    from lab.app import resume_run
+    from lab.runner import resume_run
 
     refused = list(resume_run("../../etc", None))[-1]
     assert "failed" in refused[0] and "not a run in the history" in refused[0]

@@ -5,7 +5,8 @@ import pytest
 
 from ebft_engine import ConfigError
 from lab import policy
-from lab.app import config_to_values, load_preset, preset_names, values_to_config
+from lab.controls import config_to_values, values_to_config
+from lab.panels.preset import load_preset, preset_names
 
 
 @pytest.mark.parametrize("overrides,field", [
@@ -46,10 +47,20 @@ def test_spaces_accepts_presets_and_hub_ids():
     assert policy.check(local, spaces=False) is local  # a workstation allows it all
 
 
+def _control_paths() -> list[str]:
+    import gradio as gr
+
+    from lab.panels import create_setup_panels
+
+    with gr.Blocks():
+        return list(create_setup_panels(load_preset("tiny-random"), spaces=False))
+
+
 def test_every_preset_round_trips_through_the_controls():
+    paths = _control_paths()
     for name in preset_names():
         config = load_preset(name)
-        again = values_to_config(config_to_values(config), base=config)
+        again = values_to_config(config_to_values(config, paths), base=config)
         assert again.with_overrides({"runs_dir": config.runs_dir}) == config
 
 
@@ -59,14 +70,14 @@ def test_the_sparsity_slider_follows_an_n_m_pattern_and_a_mismatch_is_refused():
     import gradio as gr
 
     from ebft_engine import RunConfig
-    from lab.app import CONTROL_FIELDS, sparsity_for_pattern
+    from lab.panels.prune import sparsity_for_pattern
 
     assert sparsity_for_pattern("2:4") == 0.5 and sparsity_for_pattern("1:4") == 0.75
     assert isinstance(sparsity_for_pattern("unstructured"), type(gr.skip()))
-    values = config_to_values(RunConfig.from_dict({"model": "tiny-random"}))
-    values[CONTROL_FIELDS.index("prune.pattern")] = "2:4"
-    values[CONTROL_FIELDS.index("prune.sparsity")] = 0.7
+    values = config_to_values(RunConfig.from_dict({"model": "tiny-random"}), _control_paths())
+    values["prune.pattern"] = "2:4"
+    values["prune.sparsity"] = 0.7
     with pytest.raises(ConfigError, match="prune.sparsity: 0.7 disagrees with pattern 2:4"):
         values_to_config(values)
-    values[CONTROL_FIELDS.index("prune.sparsity")] = sparsity_for_pattern("2:4")
+    values["prune.sparsity"] = sparsity_for_pattern("2:4")
     assert values_to_config(values).prune.sparsity == 0.5

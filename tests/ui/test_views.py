@@ -107,7 +107,7 @@ def test_zero_shot_results_become_table_columns():
 
 
 def test_choosing_llm_pruner_shows_the_structured_pattern_and_leaving_it_goes_back():
-    from lab.app import pattern_for_method
+    from lab.panels.prune import pattern_for_method
 
     assert pattern_for_method("llm-pruner", "unstructured") == "structured"
     assert pattern_for_method("wanda", "structured") == "unstructured"
@@ -120,7 +120,7 @@ def test_history_lists_runs_started_within_one_second_newest_first_and_offers_th
     import time as clock
 
     from ebft_engine.record import RunRecord
-    from lab.app import refresh_history
+    from lab.panels.history import refresh_history
 
     second = clock.mktime(clock.strptime("20261129-120000", "%Y%m%d-%H%M%S"))
     for run_id, started in (("20261129-120000-f00000", second + 0.2), ("20261129-120000-0fffff", second + 0.5)):

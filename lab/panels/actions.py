@@ -1,0 +1,27 @@
+"""The buttons under the setup: Run, Step, Stop; the memory plan for a card; the config as YAML."""
+from __future__ import annotations
+
+import gradio as gr
+from gradio.components import Component
+
+from ebft_engine.cards import CARDS
+
+THIS_MACHINE = "this machine"
+
+
+def create_actions_panel() -> dict[str, Component]:
+    c: dict[str, Component] = {}
+    with gr.Row():
+        c["run"] = gr.Button("Run", variant="primary", elem_id="run-btn")
+        c["step"] = gr.Button("Step", elem_id="step-btn")
+        c["stop"] = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+    gr.Markdown("**Step** runs one block per click (for a classroom); **Stop** ends either kind of run.")
+    with gr.Row():
+        c["plan"] = gr.Button("Memory plan", elem_id="plan-btn")
+        c["plan_card"] = gr.Dropdown([THIS_MACHINE, *CARDS], value=THIS_MACHINE, label="for", elem_id="plan-card",
+                                     min_width=120)
+    c["plan_text"] = gr.Markdown(elem_id="plan")
+    c["export"] = gr.Button("Download config as YAML")
+    c["yaml_file"] = gr.File(label="config", interactive=False)
+    c["yaml_note"] = gr.Markdown()
+    return c
