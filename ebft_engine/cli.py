@@ -12,7 +12,8 @@ import sys
 import threading
 from typing import Any, Sequence, TextIO
 
-from .config import DEVICES, DTYPES, PRUNE_METHODS, RunConfig
+from . import registry
+from .config import DEVICES, DTYPES, RunConfig
 from .errors import EbftError
 from .events import (BlockFinished, BlockStarted, EvalFinished, Notice, PhaseFinished, PhaseStarted, RunFinished,
                      RunStarted, StepLoss, ZeroShotFinished)
@@ -23,20 +24,13 @@ from .summary import RunSummary
 FLAGS: dict[str, tuple[str, type, str]] = {
     "--model": ("model", str, "hub id, local folder, .gguf file, smollm2-135m (the embedded default), or tiny-random "
                          "(a random 4-block LLaMA, for trying the tool)"),
-    "--method": ("prune.method", str, f"initial pruning method: {', '.join(PRUNE_METHODS)}, or owl-<method>"),
+    "--method": ("prune.method", str, "initial pruning method: " + ", ".join(
+        [e.name for e in registry.pruning_entries() if e.kind != "allocation"] +
+        [f"{e.name}-<method>" for e in registry.pruning_entries("allocation")])),
     "--sparsity": ("prune.sparsity", float, "fraction of weights removed per linear layer, in [0, 1); with "
                                             "llm-pruner, of all blocks' weights"),
     "--pattern": ("prune.pattern", str, "unstructured, 2:4 or 4:8 (N kept of every M), or structured (llm-pruner: "
                                         "whole heads and MLP channels, smaller matrices)"),
-    "--keep-first": ("prune.keep_first", int, "structured pruning leaves the first N blocks whole (default 4)"),
-    "--keep-last": ("prune.keep_last", int, "structured pruning leaves the last N blocks whole (default 2)"),
-    "--taylor-samples": ("prune.taylor_samples", int, "calibration sequences for llm-pruner's Taylor importance "
-                                                      "(default 10)"),
-    "--taylor-seqlen": ("prune.taylor_seqlen", int, "tokens of each for the Taylor importance (default 64)"),
-    "--dsnot-init": ("prune.dsnot_init", str, "the mask DSnoT refines: wanda, sparsegpt-mask or magnitude"),
-    "--dsnot-layers": ("prune.dsnot_layers", str, "attention (reference default: q, k, v, o only) or all"),
-    "--owl-lambda": ("prune.owl_lambda", float, "OWL's spread of per-block sparsity (sparsity ± λ)"),
-    "--owl-m": ("prune.owl_m", float, "OWL's outlier threshold, in multiples of the mean Wanda score"),
     "--calib": ("calib.source", str, "calibration data: c4, wikitext2, self or file:PATH"),
     "--nsamples": ("calib.nsamples", int, "number of calibration sequences"),
     "--seqlen": ("calib.seqlen", int, "tokens per calibration sequence"),
@@ -60,11 +54,9 @@ FLAGS: dict[str, tuple[str, type, str]] = {
                                          "arc_easy,arc_challenge,openbookqa"),
     "--zeroshot-limit": ("eval.zeroshot_limit", int, "at most N examples per zero-shot task (partial)"),
     "--zeroshot-include": ("eval.zeroshot_include", str, "a folder of extra lm-eval task YAMLs"),
-    "--baselines": ("baselines", str, f"comma-separated pruned-only baselines, from {', '.join(PRUNE_METHODS)} "
-                                      "and owl-<method>"),
-    "--recoveries": ("recoveries", str, "comma-separated recoveries from --method's masks: ebft (the paper's "
-                                        "target), ebft-gp (the dense model's stream as target), lora (also "
-                                        "reports lora-merged)"),
+    "--baselines": ("baselines", str, "comma-separated pruned-only baselines, any --method value"),
+    "--recoveries": ("recoveries", str, "comma-separated recoveries from --method's masks: " + "; ".join(
+        f"{e.name} ({e.description})" for e in registry.recovery_entries())),
     "--device": ("device", str, f"{', '.join(DEVICES)} or cuda:N"),
     "--dtype": ("dtype", str, f"weights dtype: {', '.join(DTYPES)}"),
     "--activations": ("activations", str, "where calibration activations live on a GPU: auto (the memory planner "
@@ -74,6 +66,10 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--json-out": ("json_out", str, "also write the summary JSON here"),
     "--save-model": ("save_model", str, "save the EBFT model as safetensors in this folder"),
 }
+
+# every registered method's options: --dsnot-init, --owl-lambda, --keep-first, ... (registry.option)
+FLAGS.update({"--" + name.replace("_", "-"): (f"prune.{name}", f.type, f.metadata["help"])
+              for name, (_entry, f) in registry.option_fields().items()})
 
 
 def build_parser() -> argparse.ArgumentParser:

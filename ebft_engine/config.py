@@ -16,24 +16,25 @@ from typing import Any
 
 import yaml
 
+from . import registry
 from .errors import ConfigError
 
-PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "sparsegpt-mask", "dsnot", "llm-pruner")
-# the pattern of llm-pruner: whole heads and MLP channels removed (docs/methods/llm-pruner.md#coupled-groups)
-STRUCTURED = "structured"
-STRUCTURED_METHODS = ("llm-pruner",)
-# owl-<method>: the method with OWL's outlier-weighted per-block sparsity (docs/methods/owl.md#per-block-sparsity)
-OWL_PREFIX = "owl-"
-DSNOT_INITS = ("wanda", "sparsegpt-mask", "magnitude")
-DSNOT_LAYERS = ("attention", "all")
+STRUCTURED = "structured"  # the pattern of structured methods: whole heads and MLP channels removed
 
 
 def method_ok(name: object) -> bool:
-    """A pruning method name: one from PRUNE_METHODS, or owl-<one of them>."""
-    if not isinstance(name, str):
-        return False
-    return name in PRUNE_METHODS or (name.startswith(OWL_PREFIX) and name[len(OWL_PREFIX):] in PRUNE_METHODS
-                                     and name[len(OWL_PREFIX):] not in STRUCTURED_METHODS)
+    """A pruning method name the registry knows: a method, or <allocation>-<mask method> (owl-wanda)."""
+    return isinstance(name, str) and registry.split_method(name)[1] is not None
+
+
+def _methods_hint() -> str:
+    masks = [e.name for e in registry.pruning_entries("mask")]
+    structured = [e.name for e in registry.pruning_entries("structured")]
+    allocations = [e.name for e in registry.pruning_entries("allocation")]
+    return ", ".join(masks + structured) + "".join(f", or {a}-<method> ({a}'s per-block sparsity)"
+                                                    for a in allocations)
+
+
 CALIB_SOURCES = ("c4", "wikitext2", "self")
 EVAL_SOURCES = ("wikitext2", "c4", "ptb")
 DEVICES = ("auto", "cpu", "cuda")
@@ -42,7 +43,6 @@ ACTIVATIONS = ("auto", "device", "host")
 # How the pruned model is recovered from --method's masks: EBFT with the dense block on the sparse inputs as its
 # target (the paper), or ebft-gp, with the dense model's own stream (global propagation,
 # docs/methods/ebft.md#global-propagation-ebft-gp).
-RECOVERIES = ("ebft", "ebft-gp", "lora")  # lora also reports lora-merged
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # where calibration activations live on a GPU run
 
 
@@ -65,36 +65,55 @@ def _source_ok(source: str, allowed: tuple[str, ...]) -> bool:
     return source in allowed or (source.startswith("file:") and len(source) > len("file:"))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PruneConfig:
     """How the initial masks are chosen.
 
     Args:
-        method: a pruning method from the registry (magnitude, wanda, sparsegpt, sparsegpt-mask, dsnot), or
-            llm-pruner for structured pruning.
+        method: a pruning method from the registry (``registry.method_names()``: magnitude, wanda, sparsegpt,
+            sparsegpt-mask, dsnot, llm-pruner for structured pruning, owl-<method> for OWL's per-block sparsity).
         sparsity: fraction of weights removed in every pruned linear layer, in [0, 1). For an N:M pattern
             it may be left out and is then 1 - N/M. For structured pruning it is the fraction of all the
-            blocks' projection weights removed (default 0.2); the blocks outside keep_first/keep_last take
-            a larger share so that the total comes out at this fraction.
+            blocks' projection weights removed (default 0.2); the blocks a structured method leaves whole
+            make the others take a larger share so that the total comes out at this fraction.
         pattern: "unstructured", "N:M" (N kept of every M consecutive input columns) or "structured"
-            (implied by llm-pruner: attention heads and MLP channels removed, the matrices made smaller).
-        keep_first / keep_last: structured pruning leaves the first and last blocks whole (LLM-Pruner keeps
-            4 and 2 of LLaMA-7B's 32).
-        taylor_samples / taylor_seqlen: the calibration sequences (and tokens of each) whose language-model
-            loss gradient gives LLM-Pruner's Taylor importance (10 x 64 in the reference).
+            (implied by a structured method: attention heads and MLP channels removed, the matrices smaller).
+        **options: the registered methods' own settings, each a field of its options dataclass (e.g. dsnot_init,
+            owl_lambda, keep_first: ``registry.option_fields()``); read as attributes (``cfg.keep_first``).
     """
 
     method: str = "wanda"
     sparsity: float | None = None
     pattern: str = "unstructured"
-    dsnot_init: str = "wanda"
-    dsnot_layers: str = "attention"
-    owl_lambda: float = 0.08
-    owl_m: float = 5.0
-    keep_first: int = 4
-    keep_last: int = 2
-    taylor_samples: int = 10
-    taylor_seqlen: int = 64
+    options: tuple[tuple[str, Any], ...] = ()  # every registered option: (name, value), in registry order
+
+    def __init__(self, method: str = "wanda", sparsity: float | None = None, pattern: str = "unstructured",
+                 options: Any = (), **named: Any):
+        known = registry.option_defaults()
+        given = {**dict(options), **named}
+        for name in given:
+            if name not in known:
+                raise ConfigError(f"prune.{name}", "is not a known field",
+                                  f"use one of {', '.join(['method', 'sparsity', 'pattern', *known])}")
+        values = {name: registry.check_option(name, value) for name, value in {**known, **given}.items()}
+        for key, value in (("method", method), ("sparsity", sparsity), ("pattern", pattern),
+                           ("options", tuple(values.items()))):
+            object.__setattr__(self, key, value)
+        self.__post_init__()
+
+    def __getattr__(self, name: str) -> Any:  # a registered method's option, e.g. cfg.keep_first
+        for key, value in self.__dict__.get("options", ()):
+            if key == name:
+                return value
+        raise AttributeError(f"PruneConfig has no field or option {name!r}")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """The keys of the ``prune`` section: method, sparsity, pattern and every registered option."""
+        return ["method", "sparsity", "pattern", *registry.option_defaults()]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "sparsity": self.sparsity, "pattern": self.pattern, **dict(self.options)}
 
     @property
     def default_sparsity(self) -> float:
@@ -103,31 +122,17 @@ class PruneConfig:
         return 0.2 if self.pattern == STRUCTURED else 0.5 if nm is None else 1 - nm[0] / nm[1]
 
     def __post_init__(self):
-        if self.method in STRUCTURED_METHODS and self.pattern == "unstructured":
-            object.__setattr__(self, "pattern", STRUCTURED)  # llm-pruner is structured: no need to say it twice
         if not method_ok(self.method):
-            raise ConfigError("prune.method", f"unknown method {self.method!r}",
-                              f"choose one of {', '.join(PRUNE_METHODS)}, or owl-<method> for OWL's per-block "
-                              "sparsity")
-        if self.dsnot_init not in DSNOT_INITS:
-            raise ConfigError("prune.dsnot_init", f"unknown initial method {self.dsnot_init!r}",
-                              f"DSnoT refines a mask from one of {', '.join(DSNOT_INITS)}")
-        if self.dsnot_layers not in DSNOT_LAYERS:
-            raise ConfigError("prune.dsnot_layers", f"{self.dsnot_layers!r} is not attention or all",
-                              "use attention (the reference default: q, k, v, o only) or all")
-        _check_float("prune.owl_lambda", self.owl_lambda, 0, "use a spread such as 0.08 (sparsity ± λ)")
-        _check_float("prune.owl_m", self.owl_m, 0, "use an outlier threshold such as 5 (times the mean score)",
-                     strict=True)
-        _check_int("prune.keep_first", self.keep_first, 0, "use the number of leading blocks to leave whole, e.g. 4")
-        _check_int("prune.keep_last", self.keep_last, 0, "use the number of final blocks to leave whole, e.g. 2")
-        _check_int("prune.taylor_samples", self.taylor_samples, 1, "use e.g. 10 sequences (LLM-Pruner's default)")
-        _check_int("prune.taylor_seqlen", self.taylor_seqlen, 2, "use e.g. 64 tokens (LLM-Pruner's default)")
+            raise ConfigError("prune.method", f"unknown method {self.method!r}", f"choose one of {_methods_hint()}")
+        structured = registry.is_structured(self.method)
+        if structured and self.pattern == "unstructured":
+            object.__setattr__(self, "pattern", STRUCTURED)  # llm-pruner is structured: no need to say it twice
         nm = parse_pattern(self.pattern)
-        if self.pattern == STRUCTURED and self.method not in STRUCTURED_METHODS:
+        if self.pattern == STRUCTURED and not structured:
             raise ConfigError("prune.pattern", f"structured pruning removes whole heads and channels, and "
                               f"{self.method} chooses single weights", "use --method llm-pruner for structured "
                               "pruning, or --pattern unstructured / N:M with " + self.method)
-        if self.method in STRUCTURED_METHODS and self.pattern != STRUCTURED:
+        if structured and self.pattern != STRUCTURED:
             raise ConfigError("prune.pattern", f"{self.method} removes whole heads and channels and cannot make "
                               f"the {self.pattern} pattern", "leave --pattern out (or set it to structured)")
         if self.sparsity is None:
@@ -137,9 +142,10 @@ class PruneConfig:
             raise ConfigError("prune.sparsity", f"{s!r} is outside [0, 1)",
                               "give the fraction of weights to remove, e.g. 0.5 for 50%")
         object.__setattr__(self, "sparsity", float(s))
-        if nm is not None and self.method.startswith(OWL_PREFIX):
+        if nm is not None and registry.split_method(self.method)[0] is not None:
             raise ConfigError("prune.method", f"{self.method} allocates unstructured sparsity per block, and the "
-                              f"pattern is {self.pattern}", "use --pattern unstructured with OWL, or drop owl-")
+                              f"pattern is {self.pattern}", "use --pattern unstructured with it, or choose the "
+                              "method alone")
         if nm is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
             raise ConfigError("prune.sparsity",
                               f"{self.sparsity:g} disagrees with pattern {self.pattern} (which removes "
@@ -322,25 +328,26 @@ class RunConfig:
         baselines = tuple(str(b).strip() for b in self.baselines)
         for b in baselines:
             if not method_ok(b):
-                raise ConfigError("baselines", f"unknown method {b!r}",
-                                  f"choose from {', '.join(PRUNE_METHODS)} (or owl-<method>)")
+                raise ConfigError("baselines", f"unknown method {b!r}", f"choose from {_methods_hint()}")
         object.__setattr__(self, "baselines", tuple(dict.fromkeys(baselines)))
         for b in baselines:
-            if (b in STRUCTURED_METHODS) != self.prune.structured:
+            if registry.is_structured(b) != self.prune.structured:
                 raise ConfigError("baselines", f"{b} and --method {self.prune.method} prune in different patterns "
-                                  f"({'structured' if b in STRUCTURED_METHODS else 'weight by weight'} vs "
+                                  f"({'structured' if registry.is_structured(b) else 'weight by weight'} vs "
                                   f"{self.prune.pattern}), which are measured apart",
                                   "run structured pruning (llm-pruner) and the other methods as separate runs")
-        if self.prune.nm is not None and any(b.startswith(OWL_PREFIX) for b in baselines):
-            raise ConfigError("baselines", f"OWL allocates unstructured sparsity and the pattern is "
-                              f"{self.prune.pattern}", "drop the owl- baselines or use --pattern unstructured")
+        if self.prune.nm is not None and any(registry.split_method(b)[0] is not None for b in baselines):
+            raise ConfigError("baselines", f"a per-block allocation (owl-) makes unstructured sparsity and the "
+                              f"pattern is {self.prune.pattern}", "drop the owl- baselines or use --pattern "
+                              "unstructured")
         recoveries = self.recoveries
         if isinstance(recoveries, str):
             recoveries = tuple(r for r in recoveries.split(",") if r.strip())
+        names = [e.name for e in registry.recovery_entries()]
         if not isinstance(recoveries, (tuple, list)) or not recoveries or not all(
-                isinstance(r, str) and r.strip() in RECOVERIES for r in recoveries):
+                isinstance(r, str) and r.strip() in names for r in recoveries):
             raise ConfigError("recoveries", f"{self.recoveries!r} is not a list of recoveries",
-                              f"choose one or more of {', '.join(RECOVERIES)}, e.g. ebft,ebft-gp")
+                              f"choose one or more of {', '.join(names)}, e.g. ebft,ebft-gp")
         object.__setattr__(self, "recoveries", tuple(dict.fromkeys(r.strip() for r in recoveries)))
         if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
             raise ConfigError("device", f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
@@ -366,6 +373,7 @@ class RunConfig:
     # ---- (de)serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["prune"] = self.prune.to_dict()
         d["baselines"] = list(self.baselines)
         d["recoveries"] = list(self.recoveries)
         d["eval"]["zeroshot"] = list(self.eval.zeroshot)
@@ -436,6 +444,18 @@ _SECTIONS = {"prune": PruneConfig, "calib": CalibConfig, "ebft": EbftConfig, "lo
              "eval": EvalConfig}
 
 
+def section_fields() -> dict[str, dict[str, tuple[str, Any]]]:
+    """Every field of every section: section -> field -> (its type as written, its default). The prune section
+    holds the registered methods' options too (``registry.option_fields``)."""
+    def default(f: dataclasses.Field) -> Any:
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+    out = {name: {f.name: (str(f.type), default(f)) for f in fields(cls)} for name, cls in _SECTIONS.items()}
+    out["prune"] = {name: kind_default for name, kind_default in out["prune"].items() if name != "options"}
+    out["prune"].update({name: (str(f.type), f.default) for name, (_e, f) in registry.option_fields().items()})
+    return out
+
+
 def _coerce(name: str, value: Any, annotation: str) -> Any:
     """YAML and the CLI give strings for numbers now and then ("2e-4"); accept those, reject the rest."""
     if value is None or not isinstance(value, str):
@@ -456,7 +476,8 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
+    known = {f.name: str(f.type) for f in fields(cls)} if cls is not PruneConfig else \
+        {"method": "str", "sparsity": "float | None", "pattern": "str", **dict.fromkeys(registry.option_defaults())}
     unknown = sorted(set(map(str, data)) - set(known))
     if unknown:
         raise ConfigError(prefix + unknown[0], "is not a known field",
@@ -471,8 +492,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                 raise ConfigError(name, f"expected a section of fields, got {value!r}",
                                   f"write it as '{key}: {{field: value}}'")
             kwargs[key] = _build(_SECTIONS[key], value, name + ".")
-        else:
-            kwargs[key] = _coerce(name, value, str(known[key].type))
+        else:  # a method's option (no annotation here) is converted by the registry
+            kwargs[key] = _coerce(name, value, known[key]) if known[key] else value
     try:
         return cls(**kwargs)
     except TypeError as e:  # a wrongly typed value that a comparison inside validation tripped over

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from . import registry
 from .config import RunConfig
 from .device import Precision, capacities  # noqa: F401  (capacities: callers import it from here)
 from .evaluate import EVAL_BATCH, HEAD_CHUNK, INFER_BATCH
@@ -391,10 +392,9 @@ def _gib(n: int | None) -> str:
 
 def _statistics(method: str, cfg: RunConfig) -> frozenset[str]:
     """What ``method`` (any --method or --baselines value) reads of each layer's inputs, from the registry."""
-    from .config import OWL_PREFIX, STRUCTURED_METHODS
     from .sparsity import get_method
 
-    name = method[len(OWL_PREFIX):] if method.startswith(OWL_PREFIX) else method
-    if name in STRUCTURED_METHODS:
+    _allocation, entry = registry.split_method(method)
+    if entry.kind != "mask":  # a structured method scores whole groups from gradients, not layer statistics
         return frozenset()
-    return get_method(name).needs_with(cfg.prune)
+    return get_method(entry.name).needs_with(cfg.prune)

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ebft_engine import ConfigError, RunConfig
-from ebft_engine.config import _SECTIONS, STRUCTURED_METHODS
+from ebft_engine import registry
+from ebft_engine.config import _SECTIONS, section_fields
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True)
@@ -19,7 +20,8 @@ values = st.recursive(
     max_leaves=6)
 
 TOP = [f.name for f in dataclasses.fields(RunConfig)]
-SECTION_FIELDS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in _SECTIONS.items()}
+FIELDS = section_fields()  # the prune section's registered options included
+SECTION_FIELDS = {name: list(fields) for name, fields in FIELDS.items()}
 sections = st.fixed_dictionaries({}, optional={
     name: st.dictionaries(st.sampled_from(fields + ["typo"]), values, max_size=4) | values
     for name, fields in SECTION_FIELDS.items()})
@@ -41,7 +43,7 @@ def test_from_dict_never_raises_anything_but_config_error(top, nested):
 
 
 DOTTED = [f"{s}.{f}" for s, fs in SECTION_FIELDS.items() for f in fs]
-ANNOTATIONS = {**{f"{s}.{f.name}": str(f.type) for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)},
+ANNOTATIONS = {**{f"{s}.{name}": kind for s, fields in FIELDS.items() for name, (kind, _d) in fields.items()},
                **{f.name: str(f.type) for f in dataclasses.fields(RunConfig)}}
 LISTS = ("baselines", "recoveries", "eval.zeroshot")  # comma-separated strings or lists, kept as unique stripped names
 
@@ -58,7 +60,7 @@ def _expected(key, value, new):
     if key == "prune.sparsity" and value is None:
         nm = new.prune.nm
         return 0.2 if new.prune.structured else 0.5 if nm is None else 1 - nm[0] / nm[1]
-    if key == "prune.pattern" and value == "unstructured" and new.prune.method in STRUCTURED_METHODS:
+    if key == "prune.pattern" and value == "unstructured" and registry.is_structured(new.prune.method):
         return "structured"
     if value is None:
         return None
@@ -76,17 +78,13 @@ def _flat(d, prefix=""):
     return out
 
 
-def _default(f):
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default
-
-
 def _assert_landed(old, new, key, value):
     """The override took effect: ``key`` reads back as the (normalised) value, and no other field moved
     (but for llm-pruner's structured pattern)."""
     before, after = _flat(old.to_dict()), _flat(new.to_dict())
     if key in _SECTIONS:  # a whole section: the fields given land, the others are the section's defaults
         given = value or {}
-        overrides = {f"{key}.{f.name}": given.get(f.name, _default(f)) for f in dataclasses.fields(_SECTIONS[key])}
+        overrides = {f"{key}.{name}": given.get(name, default) for name, (_k, default) in FIELDS[key].items()}
     else:
         overrides = {key: value}
     for dotted, v in overrides.items():
@@ -97,7 +95,7 @@ def _assert_landed(old, new, key, value):
         got = after[dotted]
         assert got == want and type(got) is type(want), f"{dotted}={v!r} read back as {got!r}, not {want!r}"
         before[dotted] = want
-    if new.prune.method in STRUCTURED_METHODS:
+    if registry.is_structured(new.prune.method):
         before["prune.pattern"] = "structured"
     moved = {k: (before[k], after[k]) for k in after if before[k] != after[k]}
     assert not moved, f"overriding {key} also changed {moved}"

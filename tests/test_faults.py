@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ebft_engine import resume, run
-from ebft_engine import phases, recoveries
-from ebft_engine import pruners
+from ebft_engine import phases
+from ebft_engine.recoveries import ebft as recoveries
+from ebft_engine.pruners import mask as pruners
 
 
 def _notices(events, level):

@@ -89,7 +89,7 @@ def test_graph_reads_function_level_and_relative_imports():
     graph = import_graph()
     assert "ebft_engine.sparsity.structured" in graph and "lab.app" in graph
     assert "ebft_engine.zeroshot" in graph["ebft_engine.phases"]  # `from . import zeroshot` inside a function
-    assert "ebft_engine.config" in graph["lab.app"]
+    assert "ebft_engine.config" in graph["lab.panels.prune"]
 
 
 def test_import_graph_is_acyclic():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ebft_engine import ConfigError, EbftError, run
-from ebft_engine import pruners
+from ebft_engine.pruners import mask as pruners
 from ebft_engine.cli import main
 from ebft_engine.config import DTYPES
 from ebft_engine.device import FLOAT16_MAX, Precision, non_finite

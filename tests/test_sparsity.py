@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ebft_engine.config import DSNOT_INITS, PRUNE_METHODS, STRUCTURED_METHODS, PruneConfig
+from ebft_engine import registry
+from ebft_engine.config import PruneConfig
+from ebft_engine.sparsity.dsnot import DSNOT_INITS
 from ebft_engine.sparsity import LayerStats, StatsCollector, available_methods, get_method, prune_count
 from ebft_engine.sparsity.wanda import wanda_scores
 
@@ -47,7 +49,7 @@ def _per_row(name, cfg):
 
 def test_every_registered_method_can_be_chosen():
     """The config's list of methods is the registry's (plus the structured ones, which are not mask methods)."""
-    assert set(available_methods()) == set(PRUNE_METHODS) - set(STRUCTURED_METHODS)
+    assert set(available_methods()) == {e.name for e in registry.pruning_entries("mask")}
 
 
 @pytest.mark.parametrize("method,cfg", METHOD_CASES, ids=CASE_IDS)

@@ -19,14 +19,28 @@ refines every projection.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..registry import option
 from .registry import LayerStats, MaskResult, get_method, register
 from .wanda import wanda_scores
 
 MAX_CYCLES = 50
 THRESHOLD = 0.1
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+DSNOT_INITS = ("wanda", "sparsegpt-mask", "magnitude")
+
+
+@dataclass(frozen=True)
+class DsnotOptions:
+    dsnot_init: str = option("wanda", "the mask DSnoT refines: wanda, sparsegpt-mask or magnitude",
+                             choices=DSNOT_INITS, fix="DSnoT refines a mask from one of wanda, sparsegpt-mask, "
+                                                      "magnitude", label="DSnoT refines")
+    dsnot_layers: str = option("attention", "attention (reference default: q, k, v, o only) or all",
+                               choices=("attention", "all"), label="DSnoT layers",
+                               fix="use attention (the reference default: q, k, v, o only) or all")
 
 
 def _needs(cfg) -> frozenset[str]:
@@ -35,7 +49,7 @@ def _needs(cfg) -> frozenset[str]:
 
 
 @register("dsnot", needs=("input_norms", "moments"), description="DSnoT mask refinement of an initial mask",
-          needs_for=_needs)
+          needs_for=_needs, options=DsnotOptions, rank=4)
 def dsnot(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, layer: str = "", cfg=None,
           **_) -> MaskResult:
     init = get_method(getattr(cfg, "dsnot_init", "wanda"))

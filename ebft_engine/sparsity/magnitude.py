@@ -7,6 +7,6 @@ from .patterns import select
 from .registry import LayerStats, MaskResult, register
 
 
-@register("magnitude", description="largest |W| per matrix; needs no data")
+@register("magnitude", description="largest |W| per matrix; needs no data", rank=0)
 def magnitude(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
     return MaskResult(select(weight.abs().float(), sparsity, nm, per_row=False))

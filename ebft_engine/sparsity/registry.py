@@ -7,7 +7,9 @@ from typing import Callable
 
 import torch
 
+from .. import registry as engine_registry
 from ..errors import ConfigError
+from ..registry import PruningEntry
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,16 @@ class PruneMethod:
 _METHODS: dict[str, PruneMethod] = {}
 
 
-def register(name: str, needs: tuple[str, ...] = (), description: str = "", needs_for=None):
+def register(name: str, needs: tuple[str, ...] = (), description: str = "", needs_for=None,
+             options: type | None = None, rank: int = 100):
+    """Register a mask method under ``name`` (its module's name, by convention), the decorated function its
+    kernel. ``needs``: the statistics it reads ("input_norms", "hessian", "moments"; ``needs_for(prune_config)``
+    when its options change them); ``options``: a frozen dataclass of ``registry.option`` fields, its
+    ``prune.<field>`` settings (CLI flags, lab controls and validation follow from it); ``rank``: where lists
+    show it."""
     def wrap(fn):
         _METHODS[name] = PruneMethod(name, frozenset(needs), fn, description, needs_for)
+        engine_registry.add_pruning(PruningEntry(name, "mask", description, options, rank=rank))
         return fn
 
     return wrap

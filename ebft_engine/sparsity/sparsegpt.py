@@ -94,7 +94,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     return mask, new_weight.to(weight.dtype)
 
 
-@register("sparsegpt", needs=("hessian",), description="OBS saliency with weight update")
+@register("sparsegpt", needs=("hessian",), description="OBS saliency with weight update", rank=2)
 def sparsegpt(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
     factor = _factor(stats)
     mask, new = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=True, factor=factor)
@@ -106,7 +106,8 @@ def _factor(stats: LayerStats) -> tuple[torch.Tensor, torch.Tensor]:
     return stats.derived("sparsegpt-factor", lambda: inverse_hessian_factor(stats.hessian))
 
 
-@register("sparsegpt-mask", needs=("hessian",), description="SparseGPT saliency, original weights (EBFT's copy)")
+@register("sparsegpt-mask", needs=("hessian",), description="SparseGPT saliency, original weights (EBFT's copy)",
+          rank=3)
 def sparsegpt_mask(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
     factor = _factor(stats)
     mask, new = sparsegpt_prune(weight, stats.hessian, sparsity, nm, update=False, factor=factor)

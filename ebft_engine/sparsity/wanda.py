@@ -12,6 +12,6 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
     return weight.abs().float() * input_norms.float().sqrt().unsqueeze(0)
 
 
-@register("wanda", needs=("input_norms",), description="|W|·‖X‖ per output row")
+@register("wanda", needs=("input_norms",), description="|W|·‖X‖ per output row", rank=1)
 def wanda(weight: torch.Tensor, stats: LayerStats, sparsity: float, nm, **_) -> MaskResult:
     return MaskResult(select(wanda_scores(weight, stats.input_norms), sparsity, nm, per_row=True))

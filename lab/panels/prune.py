@@ -2,28 +2,28 @@
 own settings (DSnoT, OWL, structured pruning)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import gradio as gr
 from gradio.components import Component
 
 from ebft_engine import ConfigError
-from ebft_engine.config import (DSNOT_INITS, DSNOT_LAYERS, OWL_PREFIX, PRUNE_METHODS, RECOVERIES, STRUCTURED_METHODS,
-                                parse_pattern)
+from ebft_engine import registry
+from ebft_engine.config import parse_pattern
 
 from ..controls import ControlValues
 
 
 def method_choices() -> list[str]:
-    """Every method the Method dropdown and the Baselines boxes offer: the one place that lists them, so that it can
-    read the engine's pruner registry instead with a one-line change."""
-    return list(PRUNE_METHODS) + [OWL_PREFIX + m for m in ("wanda", "sparsegpt", "magnitude", "dsnot")]
+    """Every method the Method dropdown and the Baselines boxes offer: the engine's pruning registry."""
+    return registry.method_names()
 
 
 def pattern_for_method(method: str, pattern: str) -> Any:
     """llm-pruner prunes structurally: show the pattern it implies, and leave structured when another method is
     chosen (every other method prunes weight by weight)."""
-    if method in STRUCTURED_METHODS:
+    if registry.is_structured(method):
         return "structured"
     return "unstructured" if pattern == "structured" else gr.skip()
 
@@ -35,6 +35,17 @@ def sparsity_for_pattern(pattern: str) -> Any:
     except ConfigError:
         return gr.skip()
     return gr.skip() if nm is None else round(1 - nm[0] / nm[1], 4)
+
+
+def option_control(f: dataclasses.Field, value: Any) -> Component:
+    """The control of one registered method option (``registry.option``): a dropdown of its choices, else a
+    number (whole for an int option), labelled as the option says."""
+    meta = f.metadata
+    label = meta.get("label") or f.name.replace("_", " ")
+    if meta.get("choices"):
+        return gr.Dropdown(list(meta["choices"]), value=value, label=label, info=meta["help"])
+    whole = "int" in str(f.type) and "float" not in str(f.type)
+    return gr.Number(value, precision=0 if whole else None, label=label)
 
 
 def create_prune_panel(v: ControlValues) -> dict[str, Component]:
@@ -50,26 +61,17 @@ def create_prune_panel(v: ControlValues) -> dict[str, Component]:
                                         info="unstructured: per layer; structured: of all blocks' weights; "
                                              "N:M fixes it"),
             "baselines": gr.CheckboxGroup(methods, value=v["baselines"], label="Baselines to compare"),
-            "recoveries": gr.CheckboxGroup(list(RECOVERIES), value=v["recoveries"], label="Recoveries",
+            "recoveries": gr.CheckboxGroup([e.name for e in registry.recovery_entries()], value=v["recoveries"],
+                                           label="Recoveries",
                                            info="ebft: target the dense block on the sparse inputs (the paper); "
                                                 "ebft-gp: the dense model's own stream"),
         }
-        with gr.Row():
-            c["prune.dsnot_init"] = gr.Dropdown(list(DSNOT_INITS), value=v["prune.dsnot_init"], label="DSnoT refines")
-            c["prune.dsnot_layers"] = gr.Dropdown(list(DSNOT_LAYERS), value=v["prune.dsnot_layers"],
-                                                  label="DSnoT layers",
-                                                  info="attention: q, k, v, o only (the reference default)")
-        with gr.Row():
-            c["prune.owl_lambda"] = gr.Number(v["prune.owl_lambda"], label="OWL λ (sparsity spread)")
-            c["prune.owl_m"] = gr.Number(v["prune.owl_m"], label="OWL M (outlier threshold)")
-        with gr.Row():
-            c["prune.keep_first"] = gr.Number(v["prune.keep_first"], precision=0, label="Structured: keep first blocks")
-            c["prune.keep_last"] = gr.Number(v["prune.keep_last"], precision=0, label="Structured: keep last blocks")
-        with gr.Row():
-            c["prune.taylor_samples"] = gr.Number(v["prune.taylor_samples"], precision=0,
-                                                  label="Taylor importance: samples")
-            c["prune.taylor_seqlen"] = gr.Number(v["prune.taylor_seqlen"], precision=0,
-                                                 label="Taylor importance: tokens each")
+        for entry in registry.pruning_entries():  # each method's own settings, one row per method
+            fields = dataclasses.fields(entry.options) if entry.options else ()
+            if fields:
+                with gr.Row():
+                    for f in fields:
+                        c[f"prune.{f.name}"] = option_control(f, v[f"prune.{f.name}"])
     method, pattern = c["prune.method"], c["prune.pattern"]
     method.change(pattern_for_method, [method, pattern], pattern, queue=False)
     pattern.change(sparsity_for_pattern, pattern, c["prune.sparsity"], queue=False)
