@@ -18,6 +18,7 @@ import torch
 
 from .device import Precision, non_finite
 from .errors import DataError
+from .models.adapters import adapter_for_config
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,9 @@ def self_cache_path(model, nsamples: int, seqlen: int, seed: int) -> Path:
 def _self_cache_key(model, nsamples: int, seqlen: int, seed: int) -> str:
     h = hashlib.sha256()
     h.update(f"v{CACHE_VERSION}|{model.config.model_type}|{nsamples}|{seqlen}|{seed}".encode())
-    for block_param in (model.model.embed_tokens.weight, model.model.layers[0].self_attn.q_proj.weight,
+    family = adapter_for_config(model.config)  # the same tensors as ever: the cache key has not changed
+    first = family.linears(family.layers(model)[0])
+    for block_param in (model.get_input_embeddings().weight, first[next(iter(first))].weight,
                         model.model.norm.weight):
         h.update(block_param.detach().float().flatten()[:4096].numpy().tobytes())
     return h.hexdigest()[:24]

@@ -117,7 +117,7 @@ def block_loop(run: BlockRun, variant: Variant) -> Iterator[Event]:
         run.stage, run.where = "block", f"block {i} of {label}"
         yield BlockStarted(label, i, n_blocks)
         block.to(run.precision.device)
-        stats = StatsCollector(pruner.needs)
+        stats = StatsCollector(pruner.needs, run.adapter.input_groups)
         targets = recovery.targets(run, block, stream, stats)
         masks = pruner.prune(run, block, i, stats, sparsities[i])
         del stats  # the Hessians and norms are spent: free them before the block trains (as planned)

@@ -44,7 +44,8 @@ class OwlPruner:
             check_cancelled(run)
             run.stage, run.where = "block", f"block {i} of OWL's dense pass"
             block.to(run.precision.device)
-            stats, linears = StatsCollector(frozenset({"input_norms"})), run.adapter.linears(block)
+            stats = StatsCollector(frozenset({"input_norms"}), run.adapter.input_groups)
+            linears = run.adapter.linears(block)
             with stats.attach(linears):
                 stream, _ = forward(run, block, stream, stats=stats)
             block.to("cpu")

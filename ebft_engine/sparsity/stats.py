@@ -17,8 +17,10 @@ from .registry import LayerStats
 class StatsCollector:
     """Accumulates, per input group, Σ‖x_j‖² and/or Σ XᵀX over calibration sequences."""
 
-    def __init__(self, needs: frozenset[str]):
-        self.needs = needs
+    def __init__(self, needs: frozenset[str], groups: tuple[tuple[str, ...], ...] = INPUT_GROUPS):
+        """``groups``: the block's projections by the input they read (the adapter's ``input_groups``; the
+        LLaMA family's by default): one hook and one set of statistics per group."""
+        self.needs, self.groups = needs, groups
         self.sq_norms: dict[str, torch.Tensor] = {}
         self.xtx: dict[str, torch.Tensor] = {}
         self.x_sum: dict[str, torch.Tensor] = {}  # float64 Σx and Σx² over tokens (DSnoT's moments)
@@ -55,7 +57,7 @@ class StatsCollector:
     @contextlib.contextmanager
     def attach(self, linears: dict[str, nn.Linear]) -> Iterator[StatsCollector]:
         handles = [] if not self.needs else [
-            linears[group[0]].register_forward_hook(self._hook(group[0])) for group in INPUT_GROUPS]
+            linears[group[0]].register_forward_hook(self._hook(group[0])) for group in self.groups]
         try:
             yield self
         finally:
@@ -68,7 +70,7 @@ class StatsCollector:
 
     def layer_stats(self, name: str) -> LayerStats:
         """The statistics of ``name``'s input; layers reading the same input get the same object."""
-        group = next(g[0] for g in INPUT_GROUPS if name in g)
+        group = next(g[0] for g in self.groups if name in g)
         if group not in self._stats:
             n = max(self.sequences, 1)
             norms = self.sq_norms[group] / n if group in self.sq_norms else None
