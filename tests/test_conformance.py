@@ -5,11 +5,19 @@ that a method or a recovery added as one new file is tested without editing this
   exact sparsity at its granularity (per row or per matrix; N:M: exactly N kept in every group of M), a
   boolean mask of the weight's shape, pruned weights zero in any returned weight, inputs left untouched, and
   zeros already in the weight removed rather than kept;
-- the registries themselves: descriptions, option help and defaults, method names, recoveries that build.
+- the registries themselves: descriptions, option help and defaults, method names, recoveries that build;
+- the proof that adding a method or a recovery is adding one file: a throwaway file is written into the
+  package and a run of the CLI (a fresh process, so discovery sees it) uses it end to end.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +25,8 @@ import torch
 from ebft_engine import registry
 from ebft_engine.config import PruneConfig
 from ebft_engine.sparsity import LayerStats, get_method, prune_count
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---- the mask methods ---------------------------------------------------------------------------------------
 # How each statistic a method may declare in ``needs`` is built (sparsity/stats.py, from a calibration matrix).
@@ -199,3 +209,135 @@ def test_every_recovery_entry_builds():
         assert recovery.phase in ("ebft", "prune") and isinstance(recovery.trains, bool), entry.name
         for method in ("active", "begin", "targets", "diverges", "recover", "after"):
             assert callable(getattr(recovery, method, None)), f"recovery {entry.name} has no {method}"
+
+
+# ---- the proof: a method and a recovery, each one new file --------------------------------------------------
+def _unique_name(package: str) -> str:
+    """A module name no one else has: not starting with _ (discovery skips those), a fresh random part."""
+    while True:
+        name = f"zz_probe_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        if not (ROOT / "ebft_engine" / package / f"{name}.py").exists():
+            return name
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m ebft_engine ...`` in a fresh process (so the package's discovery sees the new file), from this
+    checkout, writing no bytecode next to the throwaway file; ``--help`` unwrapped (argparse breaks at hyphens)."""
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "10000"}
+    return subprocess.run([sys.executable, "-m", "ebft_engine", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _run_args(tmp_path: Path, text_files) -> list[str]:
+    calib, evaluation = text_files
+    return ["run", "--model", "tiny-random", "--calib", f"file:{calib}", "--nsamples", "4", "--seqlen", "32",
+            "--eval", f"file:{evaluation}", "--eval-seqlen", "64", "--eval-windows", "2", "--batch-size", "4", "--device", "cpu",
+            "--runs-dir", str(tmp_path / "runs"), "--json-out", str(tmp_path / "summary.json"), "--quiet"]
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    for cached in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
+        cached.unlink(missing_ok=True)
+
+
+PROBE_METHOD = '''"""A throwaway mask method written by tests/test_conformance.py (removed when the test ends)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..registry import option
+from .patterns import lowest_per_row
+from .registry import MaskResult, register
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    {name}_share: float = option(1.0, "the share of --sparsity this probe removes (conformance test)", minimum=0)
+
+
+@register("{name}", description="largest |W| per row (conformance probe)", options=ProbeOptions)
+def probe(weight, stats, sparsity, nm, cfg=None, **_):
+    return MaskResult(lowest_per_row(weight.abs().float(), sparsity * cfg.{name}_share))
+'''
+
+
+def test_a_new_mask_method_is_one_file(tmp_path, text_files):
+    name = _unique_name("sparsity")
+    path = ROOT / "ebft_engine" / "sparsity" / f"{name}.py"
+    flag = f"--{name.replace('_', '-')}-share"
+    try:
+        with path.open("x") as f:  # never overwrite
+            f.write(PROBE_METHOD.format(name=name))
+        helped = _cli("run", "--help")
+        assert helped.returncode == 0, helped.stderr
+        assert flag in helped.stdout and name in helped.stdout, helped.stdout
+        done = _cli(*_run_args(tmp_path, text_files), "--method", name, "--sparsity", "0.5", "--epochs", "0",
+                    flag, "0.5")
+    finally:
+        _remove(path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert set(summary["ppl"]) == {"dense", name}
+    # per row, int(cols * 0.5 * 0.5) of every row: a quarter exactly (the option took effect)
+    assert summary["actual_sparsity"][name] == pytest.approx(0.25, abs=1e-12)
+    config = json.loads(next((tmp_path / "runs").iterdir()).joinpath("config.json").read_text())
+    assert config["prune"]["method"] == name and config["prune"][f"{name}_share"] == 0.5
+
+
+PROBE_RECOVERY = '''"""A throwaway recovery written by tests/test_conformance.py (removed when the test ends)."""
+from __future__ import annotations
+
+from ..events import Notice
+from ..registry import RecoveryEntry, add_recovery
+from .base import PruneOnly
+
+NAME = "{name}"
+
+
+class Probe(PruneOnly):
+    """Trains nothing; counts the blocks the loop gave it and says so before its evaluation."""
+
+    name = NAME
+
+    def __init__(self):
+        self.blocks = []
+
+    def labels(self, label):
+        return (NAME,)
+
+    def recover(self, run, block, index, stream, targets, masks, trains):
+        self.blocks.append(index)
+        return (yield from super().recover(run, block, index, stream, targets, masks, trains))
+
+    def after(self, run, label):
+        yield Notice("info", f"{{NAME}} recovered blocks {{self.blocks}}")
+        yield from super().after(run, label)
+
+
+add_recovery(RecoveryEntry(NAME, "a throwaway recovery (conformance probe)", Probe, labels=(NAME,)))
+'''
+
+
+def test_a_new_recovery_is_one_file(tmp_path, text_files):
+    module = _unique_name("recoveries")
+    name = module.replace("_", "-")
+    path = ROOT / "ebft_engine" / "recoveries" / f"{module}.py"
+    try:
+        with path.open("x") as f:
+            f.write(PROBE_RECOVERY.format(name=name))
+        helped = _cli("run", "--help")
+        assert helped.returncode == 0, helped.stderr
+        assert f"{name} (a throwaway recovery" in helped.stdout, helped.stdout  # --recoveries lists it
+        done = _cli(*_run_args(tmp_path, text_files), "--method", "wanda", "--sparsity", "0.5",
+                    "--recoveries", name)
+    finally:
+        _remove(path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"[info] {name} recovered blocks [0, 1, 2, 3]" in done.stdout, done.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert set(summary["ppl"]) == {"dense", name}
+    assert summary["actual_sparsity"][name] == pytest.approx(0.5)
+    assert f"| {name} |" in done.stdout
