@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import registry
 from .config import RunConfig, parse_pattern
 from .errors import ConfigError
 from .events import Event, RunFinished
@@ -72,7 +73,7 @@ def table(results: dict[Cell, RunSummary | dict[str, Any]],
     Args:
         results: each cell's summary (RunFinished.summary, or a RunSummary).
     """
-    labels = ["pruned"] + [label for r in recoveries for label in (["lora", "lora-merged"] if r == "lora" else [r])]
+    labels = ["pruned"] + [label for r in recoveries for label in (registry.recovery_entry(r).labels or (r,))]
     header = ["sparsity", "method", "dense"] + labels + ["run"]
     rows = []
     for cell, summary in results.items():
