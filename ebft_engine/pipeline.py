@@ -154,7 +154,10 @@ def _drive(state: Run, resumed: bool, note: Notice | None = None) -> Iterator[Ev
             yield state.emit(Notice("error", f"internal error ({e.__class__.__name__}: {str(e)[:300]}); "
                                              f"details in {record.dir / 'traceback.txt'}"))
     state.release()
-    yield state.emit(RunFinished(status=status, summary=state.finish(status)))
+    summary = state.finish(status)
+    if state.json_out_note:
+        yield state.emit(Notice("warning", state.json_out_note))
+    yield state.emit(RunFinished(status=status, summary=summary))
     record.close()
 
 

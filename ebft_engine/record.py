@@ -163,11 +163,21 @@ def _read_blocks(path: Path) -> list[dict[str, Any]]:
 
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     """A run folder's summary.json as the dict it holds; None when it is missing or unreadable."""
+    return _read_json_dict(Path(run_dir) / "summary.json")
+
+
+def load_summary_file(path: str | Path) -> RunSummary | None:
+    """Any summary file (e.g. a --json-out copy) as a RunSummary; None when it is missing or not a summary."""
+    data = _read_json_dict(Path(path))
+    return None if data is None or "run_id" not in data else RunSummary.from_dict(data)
+
+
+def _read_json_dict(path: Path) -> dict[str, Any] | None:
     try:
-        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) else None
+    return data if isinstance(data, dict) else None
 
 
 def load_summary(run_dir: str | Path) -> RunSummary | None:

@@ -23,7 +23,7 @@ from .loop import BlockMasks, Variant, VariantTally, block_loop
 from .models import FileBackedBlocks, restore_blocks
 from .planner import GiB, oom_remedy
 from .pruners import make_pruner
-from .record import RunRecord, write_json_atomic
+from .record import RunRecord, load_summary_file, write_json_atomic
 from .summary import BlockRow, DeadChannels, RunSummary
 from .recoveries import make_recovery
 from .sparsity import structured as st
@@ -45,6 +45,7 @@ class Run:
         # what the run is doing, for a message if memory runs out: the stage picks the remedy (planner.oom_remedy)
         self.stage, self.where = "start", "starting"
         self.finished_summary: dict[str, Any] | None = None
+        self.json_out_note: str | None = None  # why --json-out was not written, for the last notice
         record.write_config(config.to_dict())
         self.write_summary()  # a crash leaves this: the folder says it never finished
 
@@ -201,12 +202,26 @@ class Run:
         if status == "finished":
             self.checkpoints.clear()  # nothing left to resume: give the disk back
         if self.config.json_out:
-            try:
-                write_json_atomic(Path(self.config.json_out), summary)
-            except OSError as e:
-                log.error("could not write --json-out %s: %s", self.config.json_out, e)
+            self.json_out_note = self._write_json_out(Path(self.config.json_out), summary)
         self.finished_summary = summary
         return summary
+
+
+    @staticmethod
+    def _write_json_out(path: Path, summary: dict[str, Any]) -> str | None:
+        """Copy the summary to ``--json-out``, unless this run did not finish and the file holds another run's
+        finished summary: that result is kept (the run's own is in its folder). Returns what to tell the user."""
+        if summary["status"] != "finished":
+            previous = load_summary_file(path)
+            if previous is not None and previous.status == "finished" and previous.run_id != summary["run_id"]:
+                return (f"--json-out {path} holds run {previous.run_id}'s finished summary: kept it; this run's "
+                        f"({summary['status']}) is in its run folder's summary.json")
+        try:
+            write_json_atomic(path, summary)
+        except OSError as e:
+            log.error("could not write --json-out %s: %s", path, e)
+            return f"could not write --json-out {path} ({e.strerror or e}); the summary is in the run folder"
+        return None
 
 
 def _seed_everything(seed: int) -> None:

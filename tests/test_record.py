@@ -59,3 +59,24 @@ def test_ids_from_one_process_increase_even_on_a_clock_that_stands_still(monkeyp
     monkeypatch.setattr(record.time, "time_ns", lambda: now)
     frozen = [record.new_run_id() for _ in range(3)]
     assert [i[:19] for i in frozen] == ["20261129-120000-100", "20261129-120000-101", "20261129-120000-102"]
+
+
+def test_json_out_of_an_unfinished_run_keeps_another_runs_finished_summary(tmp_path):
+    """--json-out never loses a finished result: a failed or cancelled run does not overwrite another run's
+    finished summary there (its own stays in its folder); a finished run, or the same run, does."""
+    import json
+
+    from ebft_engine.runner import Run
+
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"run_id": "a", "status": "finished", "ppl": {"dense": 12.5}}))
+    note = Run._write_json_out(path, {"run_id": "b", "status": "failed", "ppl": {}})
+    assert note is not None and "run a's finished summary: kept it" in note
+    assert json.loads(path.read_text())["run_id"] == "a"
+    assert Run._write_json_out(path, {"run_id": "a", "status": "cancelled", "ppl": {}}) is None  # the same run
+    assert json.loads(path.read_text())["status"] == "cancelled"
+    path.write_text(json.dumps({"run_id": "a", "status": "finished", "ppl": {"dense": 12.5}}))
+    assert Run._write_json_out(path, {"run_id": "b", "status": "finished", "ppl": {}}) is None
+    assert json.loads(path.read_text())["run_id"] == "b"
+    (tmp_path / "other.json").write_text("not json")  # not a summary: nothing to keep
+    assert Run._write_json_out(tmp_path / "other.json", {"run_id": "b", "status": "failed"}) is None
