@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
 
 from .state import LAYERS, RunView
 
@@ -24,8 +25,13 @@ def loss_curves(view: RunView) -> go.Figure:
     each block's loss before training as a diamond at step 0."""
     fig = go.Figure()
     current = max(view.steps) if view.steps else None
-    for block in sorted(view.steps):
-        fig.add_trace(_block_curve(view, block, live=block == current and view.status == "running"))
+    running = view.status == "running"
+    blocks = sorted(view.steps)
+    for k, block in enumerate(blocks):
+        # while a run goes on, the block training now stands out; once it is over, every block keeps its own
+        # colour along a sequence (early blocks light, late ones dark), so each curve can be followed
+        color = None if running else _sequential(k, len(blocks))
+        fig.add_trace(_block_curve(view, block, live=running and block == current, color=color))
     if view.initial:
         blocks = sorted(view.initial)
         fig.add_trace(go.Scatter(x=[0] * len(blocks), y=[view.initial[b] for b in blocks], mode="markers",
@@ -35,14 +41,22 @@ def loss_curves(view: RunView) -> go.Figure:
                    log_y=True)
 
 
-def _block_curve(view: RunView, block: int, live: bool) -> go.Scatter:
-    """One block's losses, from its loss before training (step 0) when it is known."""
+def _block_curve(view: RunView, block: int, live: bool, color: str | None = None) -> go.Scatter:
+    """One block's losses, from its loss before training (step 0) when it is known; ``color`` for a finished
+    run's curves (else the live block is bright and the others faded)."""
     xs, ys = [s for s, _ in view.steps[block]], [l for _, l in view.steps[block]]
     if block in view.initial:
         xs, ys = [0] + xs, [view.initial[block]] + ys
+    if color is not None:
+        return go.Scatter(x=xs, y=ys, mode="lines", name=f"block {block}", line=dict(color=color, width=1.6))
     return go.Scatter(x=xs, y=ys, mode="lines", name=f"block {block}",
                       line=dict(color=ACCENT if live else FADED, width=3 if live else 1.2),
                       opacity=1.0 if live else 0.45)
+
+
+def _sequential(k: int, n: int) -> str:
+    """The k-th of n colours from light orange to dark red (plotly's Oranges, without its near-white end)."""
+    return sample_colorscale("Oranges", [0.3 + 0.7 * k / max(n - 1, 1)])[0]
 
 
 def loss_bars(view: RunView) -> go.Figure:
@@ -59,9 +73,13 @@ def loss_bars(view: RunView) -> go.Figure:
 def ppl_bars(view: RunView) -> go.Figure:
     labels = list(view.ppl)
     colors = ["#1c7ed6" if l == "dense" else ACCENT if l.startswith("ebft") else "#adb5bd" for l in labels]
-    fig = go.Figure(go.Bar(x=labels, y=[view.ppl[l] for l in labels], marker_color=colors,
-                           text=[f"{view.ppl[l]:.2f}" for l in labels], textposition="outside"))
-    return _layout(fig, "Perplexity (lower is better)", "model", "perplexity")
+    values = [view.ppl[l] for l in labels]
+    fig = go.Figure(go.Bar(x=labels, y=values, marker_color=colors, text=[f"{v:.2f}" for v in values],
+                           textposition="outside", cliponaxis=False))
+    fig = _layout(fig, "Perplexity (lower is better)", "model", "perplexity")
+    if values:  # room above the tallest bar for its label
+        fig.update_yaxes(range=[0, max(values) * 1.15])
+    return fig
 
 
 def sparsity_heatmap(view: RunView, label: str | None = None) -> go.Figure:
@@ -75,7 +93,8 @@ def sparsity_heatmap(view: RunView, label: str | None = None) -> go.Figure:
                                colorbar=dict(title="sparsity"),
                                hovertemplate="block %{y}, %{x}: %{z:.2%}<extra></extra>"))
     fig = _layout(fig, f"Measured sparsity ({label or 'no run yet'})", "projection", "block")
-    fig.update_yaxes(autorange="reversed")
+    # whole block numbers only, however few blocks are done (at most ~16 ticks)
+    fig.update_yaxes(autorange="reversed", tickmode="linear", tick0=0, dtick=max(1, -(-len(blocks) // 16)))
     return fig
 
 

@@ -60,8 +60,13 @@ def test_bars_table_and_heatmap_after_the_run():
     assert list(heat.data[0].x) == list(LAYERS) and [list(r) for r in heat.data[0].z] == [[0.5] * 7] * 2
     ppl = plots.ppl_bars(view)
     assert list(ppl.data[0].x) == ["dense", "ebft"]
-    # once finished, no block is drawn as live
-    assert all(t.opacity < 1 for t in plots.loss_curves(view).data if t.mode == "lines")
+    # once finished, no block is drawn as live: each keeps its own colour, light to dark along the blocks
+    lines = [t for t in plots.loss_curves(view).data if t.mode == "lines"]
+    assert len({t.line.color for t in lines}) == len(lines) and all(t.line.width < 3 for t in lines)
+    # every bar's label fits: the axis reaches above the tallest bar
+    assert ppl.layout.yaxis.range[1] > max(ppl.data[0].y) and ppl.data[0].cliponaxis is False
+    # block ticks are whole numbers, however few blocks there are
+    assert heat.layout.yaxis.dtick == 1 and heat.layout.yaxis.tickmode == "linear"
 
 
 def test_compare_runs_overlays_each_run():
