@@ -33,11 +33,13 @@ def build_app() -> gr.Blocks:
                         actions = create_actions_panel()
                     with gr.Column(scale=2):
                         results = create_results_panel()
-            with gr.Tab("History"):
+            with gr.Tab("History") as history_tab:
                 history = create_history_panel()
             with gr.Tab("Learn"):
                 create_learn_panel()
         _wire(tabs, preset, controls, actions, results, history)
+        # the History tab is current whenever it is opened, and after every run (below)
+        history_tab.select(refresh_history, None, [history[k] for k in HISTORY_KEYS], queue=False)
         demo.load(refresh_history, None, [history[k] for k in HISTORY_KEYS])
     demo.queue(default_concurrency_limit=1, max_size=32)
     return demo
@@ -52,8 +54,8 @@ def _wire(tabs: gr.Tabs, preset: dict, controls: Controls, actions: dict, result
                             [*controls.components.values(), preset["loaded"]])
     run_evt = actions["run"].click(setup.start_run, controls.inputs, outputs, concurrency_id=GPU, concurrency_limit=1,
                                    api_name="run", show_progress="hidden")
-    actions["step"].click(setup.step_run, controls.inputs, outputs, concurrency_id=GPU, concurrency_limit=1,
-                          api_name="step", show_progress="hidden")
+    step_evt = actions["step"].click(setup.step_run, controls.inputs, outputs, concurrency_id=GPU,
+                                     concurrency_limit=1, api_name="step", show_progress="hidden")
     # On ZeroGPU the run lives in a worker process the Stop flag cannot reach: there Stop also cancels the event.
     actions["stop"].click(runner.stop_run, None, results["notices"], queue=False, api_name="stop",
                           cancels=[run_evt] if policy.on_zero_gpu() else None)
@@ -63,11 +65,13 @@ def _wire(tabs: gr.Tabs, preset: dict, controls: Controls, actions: dict, result
                           api_name="plan")
     history_outputs = [history[k] for k in HISTORY_KEYS]
     history["refresh"].click(refresh_history, None, history_outputs, api_name="history")
+    for event in (run_evt, step_evt):  # a finished (or stopped) run shows in History without a Refresh
+        event.then(refresh_history, None, history_outputs, queue=False)
     history["compare"].click(compare_runs, history["chosen"], [history["compare_plot"], history["compare_table"]],
                              api_name="compare")
     history["resume"].click(lambda: gr.Tabs(selected="lab"), None, tabs, queue=False).then(
         runner.resume_run, history["to_resume"], outputs, concurrency_id=GPU, concurrency_limit=1, api_name="resume",
-        show_progress="hidden")
+        show_progress="hidden").then(refresh_history, None, history_outputs, queue=False)
 
 
 def main(options: dict[str, Any]) -> None:
