@@ -70,28 +70,48 @@ def _check_nm_widths(pattern: str, m: int, model_config, structure: list | None)
     (q/k/v, gate/up read the hidden size, o_proj the heads' width, down_proj the MLP's)."""
     heads = model_config.num_attention_heads
     hd = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads  # for the message
-    widths: dict[tuple[str, int], list[int]] = {}  # (layer, input width) -> blocks
+    widths = _input_widths(model_config, structure)
+    bad = _misfits(widths, m, heads, hd)
+    if not bad:
+        return
+    n = model_config.num_hidden_layers
+    raise ConfigError("prune.pattern", f"{pattern} groups every {m} input columns of a layer, and "
+                      f"{'; '.join(_where(*key, names, n) for key, names in bad.items())}, not a multiple of {m}",
+                      _nm_fix(widths))
+
+
+def _input_widths(model_config, structure: list | None) -> dict[tuple[str, int], list[int]]:
+    """(layer, input width) -> the blocks where that layer reads that many columns."""
+    widths: dict[tuple[str, int], list[int]] = {}
     for i in range(model_config.num_hidden_layers):
         counts = structure[i] if structure and i < len(structure) and isinstance(structure[i], dict) else None
         for name, (n_in, _out) in st.dense_shapes(model_config, counts).items():
             widths.setdefault((name, n_in), []).append(i)
-    bad: dict[tuple[int, tuple[int, ...], str], list[str]] = {}  # (width, blocks, why) -> layers reading it
+    return widths
+
+
+def _misfits(widths: dict[tuple[str, int], list[int]], m: int, heads: int,
+             hd: int) -> dict[tuple[int, tuple[int, ...], str], list[str]]:
+    """(width, blocks, why) -> the layers reading a width that is not a multiple of ``m`` (``why``: o_proj's
+    width as heads x head_dim)."""
+    bad: dict[tuple[int, tuple[int, ...], str], list[str]] = {}
     for (name, n_in), blocks in widths.items():
         if n_in % m:
             why = f" ({heads} heads x head_dim {hd})" if name == "o_proj" and n_in == heads * hd else ""
             bad.setdefault((n_in, tuple(blocks), why), []).append(name)
-    if not bad:
-        return
+    return bad
 
-    def where(n_in: int, blocks: tuple[int, ...], why: str, names: list[str]) -> str:
-        scope = "" if len(blocks) == model_config.num_hidden_layers else \
-            f" in block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
-        return f"{', '.join(names)} read{'s' if len(names) == 1 else ''} {n_in} columns{why}{scope}"
 
+def _where(n_in: int, blocks: tuple[int, ...], why: str, names: list[str], n_blocks: int) -> str:
+    scope = "" if len(blocks) == n_blocks else \
+        f" in block{'s' if len(blocks) > 1 else ''} {', '.join(map(str, blocks))}"
+    return f"{', '.join(names)} read{'s' if len(names) == 1 else ''} {n_in} columns{why}{scope}"
+
+
+def _nm_fix(widths: dict[tuple[str, int], list[int]]) -> str:
+    """An N:M pattern that fits every layer's width (2:4 or 4:8 where one does), else unstructured."""
     divisor = math.gcd(*(n_in for (_name, n_in) in widths))
     fits = [p for p in ("2:4", "4:8") if divisor % int(p.split(":")[1]) == 0]
-    fix = (f"use an N:M pattern whose M divides every layer's width (all are multiples of {divisor})"
-           f"{', such as ' + fits[0] if fits else ''}, or --pattern unstructured") if divisor > 1 else \
+    return (f"use an N:M pattern whose M divides every layer's width (all are multiples of {divisor})"
+            f"{', such as ' + fits[0] if fits else ''}, or --pattern unstructured") if divisor > 1 else \
         "no N:M pattern divides every layer's width; use --pattern unstructured"
-    raise ConfigError("prune.pattern", f"{pattern} groups every {m} input columns of a layer, and "
-                      f"{'; '.join(where(*key, names) for key, names in bad.items())}, not a multiple of {m}", fix)

@@ -264,37 +264,60 @@ class _Printer:
             print(text, file=self.out, flush=True)
 
     def show(self, event) -> None:
-        if isinstance(event, RunStarted):
-            self.say(f"{'resuming run' if event.resumed else 'run'} {event.run_id} -> {event.run_dir}")
-        elif isinstance(event, Notice):
-            self.say(f"[{event.level}] {event.text}")
-        elif isinstance(event, PhaseStarted) and not self.quiet:
+        """Print ``event`` with the handler of its kind (events the printer does not show have none)."""
+        for kind, handler in self._HANDLERS:
+            if isinstance(event, kind):
+                handler(self, event)
+                return
+
+    def _run_started(self, event: RunStarted) -> None:
+        self.say(f"{'resuming run' if event.resumed else 'run'} {event.run_id} -> {event.run_dir}")
+
+    def _notice(self, event: Notice) -> None:
+        self.say(f"[{event.level}] {event.text}")
+
+    def _phase_started(self, event: PhaseStarted) -> None:
+        if not self.quiet:
             self.say(f"== {event.phase} {event.label}".rstrip())
-        elif isinstance(event, BlockStarted) and not self.quiet and self.bar is None:
+
+    def _block_started(self, event: BlockStarted) -> None:
+        if not self.quiet and self.bar is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=event.total, desc=f"{event.label} blocks", file=sys.stderr, leave=False)
-        elif isinstance(event, StepLoss) and self.bar is not None:
+
+    def _step_loss(self, event: StepLoss) -> None:
+        if self.bar is not None:
             self.bar.set_postfix_str(f"step {event.step}/{event.total_steps} loss {event.loss:.3g}")
-        elif isinstance(event, BlockFinished):
-            if self.bar is not None:
-                self.bar.update(1)
-            if event.initial_loss is not None and not self.quiet:
-                self.say(f"   block {event.block:>3}: loss {event.initial_loss:.4g} -> {event.final_loss:.4g} "
-                         f"({event.seconds:.1f}s)")
-        elif isinstance(event, PhaseFinished):
-            self.close()
-            if not self.quiet:
-                self.say(f"   {event.phase} {event.label} done in {event.seconds:.1f}s".replace("  ", " "))
-        elif isinstance(event, EvalFinished):
-            self.say(f"   ppl[{event.label}] = {event.ppl:.3f}")
-        elif isinstance(event, ZeroShotFinished):
-            self.say(f"   zero-shot[{event.label}]: " + ", ".join(
-                f"{task} acc {r.get('acc', float('nan')):.3f}" for task, r in event.results.items()))
-        elif isinstance(event, RunFinished):
-            self.close()
-            self.say(format_table(event.summary))
-            self.say(f"status: {event.status}")
+
+    def _block_finished(self, event: BlockFinished) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+        if event.initial_loss is not None and not self.quiet:
+            self.say(f"   block {event.block:>3}: loss {event.initial_loss:.4g} -> {event.final_loss:.4g} "
+                     f"({event.seconds:.1f}s)")
+
+    def _phase_finished(self, event: PhaseFinished) -> None:
+        self.close()
+        if not self.quiet:
+            self.say(f"   {event.phase} {event.label} done in {event.seconds:.1f}s".replace("  ", " "))
+
+    def _eval_finished(self, event: EvalFinished) -> None:
+        self.say(f"   ppl[{event.label}] = {event.ppl:.3f}")
+
+    def _zeroshot_finished(self, event: ZeroShotFinished) -> None:
+        self.say(f"   zero-shot[{event.label}]: " + ", ".join(
+            f"{task} acc {r.get('acc', float('nan')):.3f}" for task, r in event.results.items()))
+
+    def _run_finished(self, event: RunFinished) -> None:
+        self.close()
+        self.say(format_table(event.summary))
+        self.say(f"status: {event.status}")
+
+    _HANDLERS = ((RunStarted, _run_started), (Notice, _notice), (PhaseStarted, _phase_started),
+                 (BlockStarted, _block_started), (StepLoss, _step_loss), (BlockFinished, _block_finished),
+                 (PhaseFinished, _phase_finished), (EvalFinished, _eval_finished),
+                 (ZeroShotFinished, _zeroshot_finished), (RunFinished, _run_finished))
 
     def close(self) -> None:
         if self.bar is not None:

@@ -9,7 +9,6 @@ unknown keys; CLI flags override single fields with :meth:`RunConfig.with_overri
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,22 +17,11 @@ import yaml
 
 from . import registry
 from .errors import ConfigError
-
-STRUCTURED = "structured"  # the pattern of structured methods: whole heads and MLP channels removed
-
-
-def method_ok(name: object) -> bool:
-    """A pruning method name the registry knows: a method, or <allocation>-<mask method> (owl-wanda)."""
-    return isinstance(name, str) and registry.split_method(name)[1] is not None
-
-
-def _methods_hint() -> str:
-    masks = [e.name for e in registry.pruning_entries("mask")]
-    structured = [e.name for e in registry.pruning_entries("structured")]
-    allocations = [e.name for e in registry.pruning_entries("allocation")]
-    return ", ".join(masks + structured) + "".join(f", or {a}-<method> ({a}'s per-block sparsity)"
-                                                    for a in allocations)
-
+from .validation import (STRUCTURED, baseline_names, check_baselines, check_choice, check_float, check_include,
+                         check_int, check_method, check_model, check_nm_sparsity, check_optional_int, check_path,
+                         check_pattern_fits_method, check_sections, check_sparsity, coerce, eval_tasks, parse_pattern,
+                         recovery_names, source_ok)
+from .validation import method_ok  # noqa: F401  (imported from here by the lab and the tests)
 
 CALIB_SOURCES = ("c4", "wikitext2", "self")
 EVAL_SOURCES = ("wikitext2", "c4", "ptb")
@@ -44,25 +32,6 @@ ACTIVATIONS = ("auto", "device", "host")
 # target (the paper), or ebft-gp, with the dense model's own stream (global propagation,
 # docs/methods/ebft.md#global-propagation-ebft-gp).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # where calibration activations live on a GPU run
-
-
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """Return (N, M) for an "N:M" pattern, None for "unstructured" or "structured"; raise ConfigError otherwise."""
-    if pattern in ("unstructured", STRUCTURED):
-        return None
-    parts = pattern.split(":") if isinstance(pattern, str) else []
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ConfigError("prune.pattern", f"{pattern!r} is neither 'unstructured', 'structured' nor N:M",
-                          "use 'unstructured', '2:4', '4:8' or 'structured' (with --method llm-pruner)")
-    n, m = int(parts[0]), int(parts[1])
-    if not 0 < n < m:
-        raise ConfigError("prune.pattern", f"{pattern!r} is not N:M with 0 < N < M (N weights kept of every M)",
-                          "try '2:4' or '4:8'")
-    return n, m
-
-
-def _source_ok(source: str, allowed: tuple[str, ...]) -> bool:
-    return source in allowed or (source.startswith("file:") and len(source) > len("file:"))
 
 
 @dataclass(frozen=True, init=False)
@@ -122,35 +91,16 @@ class PruneConfig:
         return 0.2 if self.pattern == STRUCTURED else 0.5 if nm is None else 1 - nm[0] / nm[1]
 
     def __post_init__(self):
-        if not method_ok(self.method):
-            raise ConfigError("prune.method", f"unknown method {self.method!r}", f"choose one of {_methods_hint()}")
+        check_method(self.method)
         structured = registry.is_structured(self.method)
         if structured and self.pattern == "unstructured":
             object.__setattr__(self, "pattern", STRUCTURED)  # llm-pruner is structured: no need to say it twice
         nm = parse_pattern(self.pattern)
-        if self.pattern == STRUCTURED and not structured:
-            raise ConfigError("prune.pattern", f"structured pruning removes whole heads and channels, and "
-                              f"{self.method} chooses single weights", "use --method llm-pruner for structured "
-                              "pruning, or --pattern unstructured / N:M with " + self.method)
-        if structured and self.pattern != STRUCTURED:
-            raise ConfigError("prune.pattern", f"{self.method} removes whole heads and channels and cannot make "
-                              f"the {self.pattern} pattern", "leave --pattern out (or set it to structured)")
+        check_pattern_fits_method(self.method, self.pattern, structured)
         if self.sparsity is None:
             object.__setattr__(self, "sparsity", self.default_sparsity)
-        s = self.sparsity
-        if not (isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and 0 <= s < 1):
-            raise ConfigError("prune.sparsity", f"{s!r} is outside [0, 1)",
-                              "give the fraction of weights to remove, e.g. 0.5 for 50%")
-        object.__setattr__(self, "sparsity", float(s))
-        if nm is not None and registry.split_method(self.method)[0] is not None:
-            raise ConfigError("prune.method", f"{self.method} allocates unstructured sparsity per block, and the "
-                              f"pattern is {self.pattern}", "use --pattern unstructured with it, or choose the "
-                              "method alone")
-        if nm is not None and abs(self.sparsity - (1 - nm[0] / nm[1])) > 1e-9:
-            raise ConfigError("prune.sparsity",
-                              f"{self.sparsity:g} disagrees with pattern {self.pattern} (which removes "
-                              f"{1 - nm[0] / nm[1]:g})",
-                              f"leave sparsity out or set it to {1 - nm[0] / nm[1]:g}")
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
+        check_nm_sparsity(self.method, self.pattern, nm, self.sparsity)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -185,12 +135,12 @@ class CalibConfig:
         return self.nsamples + self.self_nsamples
 
     def __post_init__(self):
-        if not isinstance(self.source, str) or not _source_ok(self.source, CALIB_SOURCES):
+        if not isinstance(self.source, str) or not source_ok(self.source, CALIB_SOURCES):
             raise ConfigError("calib.source", f"unknown calibration source {self.source!r}",
                               f"use one of {', '.join(CALIB_SOURCES)} or file:PATH")
-        _check_int("calib.nsamples", self.nsamples, 1, "use at least 1 calibration sample")
-        _check_int("calib.seqlen", self.seqlen, 2, "use a sequence length of at least 2 tokens")
-        _check_int("calib.self_nsamples", self.self_nsamples, 0, "use 0 (none) or a number of generated sequences")
+        check_int("calib.nsamples", self.nsamples, 1, "use at least 1 calibration sample")
+        check_int("calib.seqlen", self.seqlen, 2, "use a sequence length of at least 2 tokens")
+        check_int("calib.self_nsamples", self.self_nsamples, 0, "use 0 (none) or a number of generated sequences")
         if self.self_nsamples and self.source == "self":
             raise ConfigError("calib.self_nsamples", "the calibration set is already generated by the model",
                               "use self_nsamples with a text source (c4, wikitext2 or file:PATH), or set it to 0")
@@ -208,12 +158,12 @@ class EbftConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        _check_int("ebft.epochs", self.epochs, 0, "use 0 to skip EBFT or a positive number of epochs")
-        _check_int("ebft.batch_size", self.batch_size, 1, "use a batch size of at least 1")
-        _check_float("ebft.lr", self.lr, 0, "use a positive learning rate such as 2e-4", strict=True)
-        _check_float("ebft.weight_decay", self.weight_decay, 0, "use a non-negative weight decay such as 0.1")
-        _check_float("ebft.max_grad_norm", self.max_grad_norm, 0, "use a positive clipping norm such as 1.0",
-                     strict=True)
+        check_int("ebft.epochs", self.epochs, 0, "use 0 to skip EBFT or a positive number of epochs")
+        check_int("ebft.batch_size", self.batch_size, 1, "use a batch size of at least 1")
+        check_float("ebft.lr", self.lr, 0, "use a positive learning rate such as 2e-4", strict=True)
+        check_float("ebft.weight_decay", self.weight_decay, 0, "use a non-negative weight decay such as 0.1")
+        check_float("ebft.max_grad_norm", self.max_grad_norm, 0, "use a positive clipping norm such as 1.0",
+                    strict=True)
 
 
 @dataclass(frozen=True)
@@ -237,14 +187,14 @@ class LoraConfig:
     budget: str = "ebft"
 
     def __post_init__(self):
-        _check_int("lora.rank", self.rank, 1, "use a rank of at least 1, e.g. 8")
-        _check_float("lora.alpha", self.alpha, 0, "use a positive scale such as 16", strict=True)
-        _check_float("lora.dropout", self.dropout, 0, "use a dropout in [0, 1), e.g. 0.05")
+        check_int("lora.rank", self.rank, 1, "use a rank of at least 1, e.g. 8")
+        check_float("lora.alpha", self.alpha, 0, "use a positive scale such as 16", strict=True)
+        check_float("lora.dropout", self.dropout, 0, "use a dropout in [0, 1), e.g. 0.05")
         if self.dropout >= 1:
             raise ConfigError("lora.dropout", f"{self.dropout:g} is not below 1", "use e.g. 0.05")
-        _check_float("lora.lr", self.lr, 0, "use a positive learning rate such as 1e-4", strict=True)
-        _check_int("lora.epochs", self.epochs, 1, "use at least 1 epoch")
-        _check_int("lora.batch_size", self.batch_size, 1, "use a batch size of at least 1")
+        check_float("lora.lr", self.lr, 0, "use a positive learning rate such as 1e-4", strict=True)
+        check_int("lora.epochs", self.epochs, 1, "use at least 1 epoch")
+        check_int("lora.batch_size", self.batch_size, 1, "use a batch size of at least 1")
         if self.budget not in ("ebft", "epochs"):
             raise ConfigError("lora.budget", f"{self.budget!r} is not ebft or epochs",
                               "use ebft (EBFT's wall-clock time in the same run) or epochs")
@@ -274,26 +224,14 @@ class EvalConfig:
     zeroshot_include: str | None = None  # a folder of extra lm-eval task YAMLs (local tasks)
 
     def __post_init__(self):
-        if not isinstance(self.source, str) or not _source_ok(self.source, EVAL_SOURCES):
+        if not isinstance(self.source, str) or not source_ok(self.source, EVAL_SOURCES):
             raise ConfigError("eval.source", f"unknown evaluation source {self.source!r}",
                               f"use one of {', '.join(EVAL_SOURCES)} or file:PATH")
-        tasks = self.zeroshot
-        if isinstance(tasks, str):
-            tasks = tuple(t for t in tasks.split(",") if t.strip())
-        if not isinstance(tasks, (tuple, list)) or not all(isinstance(t, str) and t.strip() for t in tasks):
-            raise ConfigError("eval.zeroshot", f"{self.zeroshot!r} is not a list of lm-eval task names",
-                              "write e.g. boolq,rte,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa")
-        object.__setattr__(self, "zeroshot", tuple(dict.fromkeys(t.strip() for t in tasks)))
-        if self.zeroshot_limit is not None:
-            _check_int("eval.zeroshot_limit", self.zeroshot_limit, 1, "use at least 1 example per task")
-        if self.zeroshot_include is not None and (not isinstance(self.zeroshot_include, str)
-                                                  or not self.zeroshot_include.strip()):
-            raise ConfigError("eval.zeroshot_include", f"{self.zeroshot_include!r} is not a folder",
-                              "give the folder holding your task YAML files")
-        if self.seqlen is not None:
-            _check_int("eval.seqlen", self.seqlen, 2, "use a window of at least 2 tokens, e.g. 2048")
-        if self.windows is not None:
-            _check_int("eval.windows", self.windows, 1, "use at least 1 window, or leave it out for all")
+        object.__setattr__(self, "zeroshot", eval_tasks(self.zeroshot))
+        check_optional_int("eval.zeroshot_limit", self.zeroshot_limit, 1, "use at least 1 example per task")
+        check_include(self.zeroshot_include)
+        check_optional_int("eval.seqlen", self.seqlen, 2, "use a window of at least 2 tokens, e.g. 2048")
+        check_optional_int("eval.windows", self.windows, 1, "use at least 1 window, or leave it out for all")
 
 
 @dataclass(frozen=True)
@@ -317,58 +255,20 @@ class RunConfig:
     json_out: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError("model", "no model given", "give a hub id, a local folder, a .gguf file or "
-                              "'smollm2-135m'")
-        if isinstance(self.baselines, str):
-            object.__setattr__(self, "baselines", tuple(b for b in self.baselines.split(",") if b.strip()))
-        if not isinstance(self.baselines, (tuple, list)):
-            raise ConfigError("baselines", f"{self.baselines!r} is not a list of methods",
-                              "write e.g. magnitude,wanda,sparsegpt")
-        baselines = tuple(str(b).strip() for b in self.baselines)
-        for b in baselines:
-            if not method_ok(b):
-                raise ConfigError("baselines", f"unknown method {b!r}", f"choose from {_methods_hint()}")
+        check_model(self.model)
+        baselines = baseline_names(self.baselines)
         object.__setattr__(self, "baselines", tuple(dict.fromkeys(baselines)))
-        for b in baselines:
-            if registry.is_structured(b) != self.prune.structured:
-                raise ConfigError("baselines", f"{b} and --method {self.prune.method} prune in different patterns "
-                                  f"({'structured' if registry.is_structured(b) else 'weight by weight'} vs "
-                                  f"{self.prune.pattern}), which are measured apart",
-                                  "run structured pruning (llm-pruner) and the other methods as separate runs")
-        if self.prune.nm is not None and any(registry.split_method(b)[0] is not None for b in baselines):
-            raise ConfigError("baselines", f"a per-block allocation (owl-) makes unstructured sparsity and the "
-                              f"pattern is {self.prune.pattern}", "drop the owl- baselines or use --pattern "
-                              "unstructured")
-        recoveries = self.recoveries
-        if isinstance(recoveries, str):
-            recoveries = tuple(r for r in recoveries.split(",") if r.strip())
-        names = [e.name for e in registry.recovery_entries()]
-        if not isinstance(recoveries, (tuple, list)) or not recoveries or not all(
-                isinstance(r, str) and r.strip() in names for r in recoveries):
-            raise ConfigError("recoveries", f"{self.recoveries!r} is not a list of recoveries",
-                              f"choose one or more of {', '.join(names)}, e.g. ebft,ebft-gp")
-        object.__setattr__(self, "recoveries", tuple(dict.fromkeys(r.strip() for r in recoveries)))
-        if self.device not in DEVICES and not (isinstance(self.device, str) and self.device.startswith("cuda:")):
-            raise ConfigError("device", f"unknown device {self.device!r}", "use auto, cpu, cuda or cuda:N")
-        if self.dtype not in DTYPES:
-            raise ConfigError("dtype", f"unknown dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
-        if self.activations not in ACTIVATIONS:
-            raise ConfigError("activations", f"unknown placement {self.activations!r}",
-                              "use auto (the planner decides), device or host")
-        _check_int("seed", self.seed, 0, "use a non-negative integer seed")
+        check_baselines(baselines, self.prune)
+        object.__setattr__(self, "recoveries", recovery_names(self.recoveries))
+        if not (isinstance(self.device, str) and self.device.startswith("cuda:")):
+            check_choice("device", self.device, DEVICES, "device", "use auto, cpu, cuda or cuda:N")
+        check_choice("dtype", self.dtype, DTYPES, "dtype", f"use one of {', '.join(DTYPES)}")
+        check_choice("activations", self.activations, ACTIVATIONS, "placement",
+                     "use auto (the planner decides), device or host")
+        check_int("seed", self.seed, 0, "use a non-negative integer seed")
         for name in ("runs_dir", "save_model", "json_out"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                raise ConfigError(name, f"{value!r} is not a path", "give a folder or file path")
-        if self.calib.source.startswith("file:") and self.calib.source == self.eval.source:
-            raise ConfigError("calib.source", f"calibrating on {self.calib.source[5:]!r}, the same text that is "
-                              "evaluated, would contaminate the perplexity", "calibrate on another file, c4 "
-                              "or self")
-        if self.calib.nsamples < self.ebft.batch_size and self.ebft.epochs > 0:
-            raise ConfigError("ebft.batch_size", f"{self.ebft.batch_size} is larger than calib.nsamples "
-                              f"({self.calib.nsamples})", "use a batch size no larger than the number of "
-                              "calibration samples")
+            check_path(name, getattr(self, name))
+        check_sections(self.calib, self.eval, self.ebft)
 
     # ---- (de)serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -426,20 +326,6 @@ class RunConfig:
         return RunConfig.from_dict(data)
 
 
-def _check_int(name: str, value: Any, minimum: int, fix: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(name, f"{value!r} is not a whole number", fix)
-    if value < minimum:
-        raise ConfigError(name, f"{value} is below {minimum}", fix)
-
-
-def _check_float(name: str, value: Any, minimum: float, fix: str, strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(name, f"{value!r} is not a finite number", fix)
-    if value < minimum or (strict and value <= minimum):
-        raise ConfigError(name, f"{value:g} is {'not above' if strict else 'below'} {minimum:g}", fix)
-
-
 _SECTIONS = {"prune": PruneConfig, "calib": CalibConfig, "ebft": EbftConfig, "lora": LoraConfig,
              "eval": EvalConfig}
 
@@ -454,25 +340,6 @@ def section_fields() -> dict[str, dict[str, tuple[str, Any]]]:
     out["prune"] = {name: kind_default for name, kind_default in out["prune"].items() if name != "options"}
     out["prune"].update({name: (str(f.type), f.default) for name, (_e, f) in registry.option_fields().items()})
     return out
-
-
-def _coerce(name: str, value: Any, annotation: str) -> Any:
-    """YAML and the CLI give strings for numbers now and then ("2e-4"); accept those, reject the rest."""
-    if value is None or not isinstance(value, str):
-        if "float" in annotation and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
-        return value
-    if "int" in annotation and "float" not in annotation:
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(name, f"{value!r} is not a whole number", "write digits only, e.g. 128") from None
-    if "float" in annotation:
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(name, f"{value!r} is not a number", "write a number, e.g. 0.5 or 2e-4") from None
-    return value
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
@@ -493,7 +360,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
                                   f"write it as '{key}: {{field: value}}'")
             kwargs[key] = _build(_SECTIONS[key], value, name + ".")
         else:  # a method's option (no annotation here) is converted by the registry
-            kwargs[key] = _coerce(name, value, known[key]) if known[key] else value
+            kwargs[key] = coerce(name, value, known[key]) if known[key] else value
     try:
         return cls(**kwargs)
     except TypeError as e:  # a wrongly typed value that a comparison inside validation tripped over

@@ -103,21 +103,35 @@ def read_identity(run_dir: str | Path) -> dict[str, Any] | None:
 def changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """What differs between two identities, in words; empty when they are the same model. Files are compared
     only when both sides could read them."""
-    out = []
+    return _config_changes(recorded, current) + _snapshot_change(recorded, current) + _file_changes(recorded, current)
+
+
+def _config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The first three config fields that differ, then how many more."""
     old, new = recorded.get("config") or {}, current.get("config") or {}
     keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    out += [f"{k}: {json.dumps(old.get(k))} then, {json.dumps(new.get(k))} now" for k in keys[:3]]
+    out = [f"{k}: {json.dumps(old.get(k))} then, {json.dumps(new.get(k))} now" for k in keys[:3]]
     if len(keys) > 3:
         out.append(f"{len(keys) - 3} more config fields")
-    if recorded.get("snapshot") and current.get("snapshot") and recorded["snapshot"] != current["snapshot"]:
-        out.append(f"hub snapshot {recorded['snapshot'][:12]} then, {current['snapshot'][:12]} now")
-    files_then, files_now = recorded.get("files"), current.get("files")
-    if files_then is not None and files_now is not None and files_then != files_now:
-        differ = sorted(n for n in set(files_then) | set(files_now) if files_then.get(n) != files_now.get(n))
-        out.append("its files differ: " + ", ".join(
-            n + (" (new)" if n not in files_then else " (gone)" if n not in files_now else "") for n in differ[:4]) +
-                   (f" and {len(differ) - 4} more" if len(differ) > 4 else ""))
     return out
+
+
+def _snapshot_change(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    if recorded.get("snapshot") and current.get("snapshot") and recorded["snapshot"] != current["snapshot"]:
+        return [f"hub snapshot {recorded['snapshot'][:12]} then, {current['snapshot'][:12]} now"]
+    return []
+
+
+def _file_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The first four files that differ (new, gone or changed), then how many more; none unless both sides read
+    their files."""
+    files_then, files_now = recorded.get("files"), current.get("files")
+    if files_then is None or files_now is None or files_then == files_now:
+        return []
+    differ = sorted(n for n in set(files_then) | set(files_now) if files_then.get(n) != files_now.get(n))
+    return ["its files differ: " + ", ".join(
+        n + (" (new)" if n not in files_then else " (gone)" if n not in files_now else "") for n in differ[:4]) +
+            (f" and {len(differ) - 4} more" if len(differ) > 4 else "")]
 
 
 def check_same_model(run_dir: str | Path, current: dict[str, Any]) -> None:

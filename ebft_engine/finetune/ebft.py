@@ -78,11 +78,8 @@ def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targ
     total_steps = cfg.epochs * steps_per_epoch
     optimizer = _adamw(params, cfg, precision.device)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps))
-    scaler = None
-    if precision.needs_scaler:  # fp16: a loss scale fitted to this block's gradients, free to grow within it
-        scale = fp16_loss_scale(block, call, inputs[:cfg.batch_size], targets[:cfg.batch_size], precision)
-        scaler = torch.amp.GradScaler(precision.device.type, init_scale=scale,
-                                      growth_interval=max(steps_per_epoch, 1))
+    scaler = _fp16_scaler(block, call, inputs[:cfg.batch_size], targets[:cfg.batch_size], precision,
+                          steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
     initial = batch_mse(block, call, inputs, targets, precision, cfg.batch_size)
     step, rolled_back = 0, False
@@ -102,7 +99,7 @@ def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targ
                     rolled_back = True
                     break
                 lr = schedule.get_last_lr()[0]
-                _step(loss, params, masks, optimizer, scaler, cfg.max_grad_norm)
+                optimizer_step(loss, params, masks, optimizer, scaler, cfg.max_grad_norm)
                 schedule.step()
                 step += 1
                 yield StepLoss(label=label, block=index, step=step, total_steps=total_steps,
@@ -114,14 +111,32 @@ def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targ
         for p in params:
             p.grad = None
             p.requires_grad_(False)
+    rolled_back = _settle(params, masks, pruned_state, rolled_back)
+    return TrainResult(initial_loss=initial, steps=step, rolled_back=rolled_back, pruned_state=pruned_state)
+
+
+def _fp16_scaler(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targets: torch.Tensor,
+                 precision: Precision, steps_per_epoch: int):
+    """fp16 only (else None): a GradScaler whose loss scale is fitted to this block's gradients on one batch
+    (``inputs`` / ``targets``), free to grow within it."""
+    if not precision.needs_scaler:
+        return None
+    scale = fp16_loss_scale(block, call, inputs, targets, precision)
+    return torch.amp.GradScaler(precision.device.type, init_scale=scale, growth_interval=max(steps_per_epoch, 1))
+
+
+def _settle(params: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor], pruned_state: list[torch.Tensor],
+            rolled_back: bool) -> bool:
+    """After training: restore the pruned weights when training rolled back or left a non-finite weight, then
+    bake the masks in (pruned weights exactly zero, whatever happened); return whether the block rolled back."""
     with torch.no_grad():
         if rolled_back or not all(torch.isfinite(p).all() for p in params):
             rolled_back = True
             for p, saved in zip(params, pruned_state):
                 p.copy_(saved)
-        for p, mask in masks.items():  # bake the mask in: pruned weights are exactly zero, whatever happened
+        for p, mask in masks.items():
             p.mul_(mask)
-    return TrainResult(initial_loss=initial, steps=step, rolled_back=rolled_back, pruned_state=pruned_state)
+    return rolled_back
 
 
 # float16's largest finite value is 65504 (~2^16): aim the largest scaled gradient at 2^14, a 4x margin.
@@ -180,8 +195,10 @@ def _adamw(params: list[nn.Parameter], cfg: EbftConfig, device: torch.device) ->
         return torch.optim.AdamW(params, foreach=True, **kwargs)
 
 
-def _step(loss: torch.Tensor, params: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor],
-          optimizer: torch.optim.Optimizer, scaler, max_grad_norm: float) -> None:
+def optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor],
+                   optimizer: torch.optim.Optimizer, scaler, max_grad_norm: float) -> None:
+    """One optimiser step on ``loss``: backward (scaled and unscaled again under fp16), the pruned weights'
+    gradients zeroed by ``masks``, gradients clipped to ``max_grad_norm``, the step, gradients cleared."""
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

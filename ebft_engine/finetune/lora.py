@@ -23,6 +23,7 @@ from ..config import LoraConfig
 from ..device import Precision
 from ..errors import Cancelled
 from ..events import StepLoss
+from .ebft import optimizer_step
 
 MAX_EPOCHS_FOR_A_TIME_BUDGET = 1000
 
@@ -70,10 +71,7 @@ def train_lora(peft_model: nn.Module, ids: torch.Tensor, cfg: LoraConfig, precis
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=0.0)
     n = ids.shape[0]
-    steps_per_epoch = max(n // cfg.batch_size, 1)
-    epochs = MAX_EPOCHS_FOR_A_TIME_BUDGET if budget_seconds else cfg.epochs
-    total_steps = epochs * steps_per_epoch
-    warmup = min(100, max(1, total_steps // 10)) if not budget_seconds else None
+    steps_per_epoch, epochs, total_steps, warmup = _budget(n, cfg, budget_seconds)
     generator = torch.Generator().manual_seed(seed)
     device = precision.device
     # fp16 (GPUs without native bf16): the language-model loss is O(1), so GradScaler's default scale fits;
@@ -92,29 +90,14 @@ def train_lora(peft_model: nn.Module, ids: torch.Tensor, cfg: LoraConfig, precis
                 used = time.perf_counter() - start
                 if budget_seconds and used >= budget_seconds:
                     raise _OutOfTime()
-                progress = used / budget_seconds if budget_seconds else step / total_steps
-                warm = 0.1 if budget_seconds else warmup / total_steps
-                scale = progress / warm if progress < warm else max(0.0, (1 - progress) / (1 - warm))
-                scale = max(scale, 1e-3)  # the first step moves too
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * scale
+                scale = _lr_scale(used, step, budget_seconds, total_steps, warmup)
+                _set_lr(optimizer, cfg.lr * scale)
                 batch = ids[order[b * cfg.batch_size:(b + 1) * cfg.batch_size]].to(device)
                 with precision.autocast():
                     loss = peft_model(input_ids=batch, labels=batch).loss
                 if not torch.isfinite(loss):
                     continue  # skip a bad batch; the adapters start at zero, so nothing is lost
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(optimizer)
-                else:
-                    loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(loss, params, {}, optimizer, scaler, 1.0)  # no masks: the adapters are dense
                 step += 1
                 last = float(loss.detach())
                 first = last if first is None else first
@@ -124,13 +107,43 @@ def train_lora(peft_model: nn.Module, ids: torch.Tensor, cfg: LoraConfig, precis
     except _OutOfTime:
         pass
     finally:
-        peft_model.eval()
-        for p in params:
-            p.grad = None
-        peft_model.to("cpu")
+        _release(peft_model, params)
     seconds = time.perf_counter() - start
     return LoraResult(steps=step, epochs=step / steps_per_epoch, seconds=seconds,
                       adapter_params=adapter_parameters(peft_model), first_loss=first, last_loss=last)
+
+
+def _budget(n: int, cfg: LoraConfig, budget_seconds: float | None) -> tuple[int, int, int, int | None]:
+    """(steps per epoch, epochs, total steps, warm-up steps) for ``n`` sequences: ``cfg.epochs`` epochs, or
+    under a time budget as many as the time allows (no warm-up steps: the warm-up is a tenth of the time)."""
+    steps_per_epoch = max(n // cfg.batch_size, 1)
+    epochs = MAX_EPOCHS_FOR_A_TIME_BUDGET if budget_seconds else cfg.epochs
+    total_steps = epochs * steps_per_epoch
+    warmup = min(100, max(1, total_steps // 10)) if not budget_seconds else None
+    return steps_per_epoch, epochs, total_steps, warmup
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _release(peft_model: nn.Module, params: list[nn.Parameter]) -> None:
+    """After training, whatever happened: eval mode, no gradients kept, the model back on the host."""
+    peft_model.eval()
+    for p in params:
+        p.grad = None
+    peft_model.to("cpu")
+
+
+def _lr_scale(used: float, step: int, budget_seconds: float | None, total_steps: int, warmup: int | None) -> float:
+    """The learning rate's factor: linear warm-up over the first 10% of the budget (``warmup`` steps of
+    ``total_steps``, or a tenth of ``budget_seconds``), then linear decay to zero; at least 1e-3, so the first
+    step moves too."""
+    progress = used / budget_seconds if budget_seconds else step / total_steps
+    warm = 0.1 if budget_seconds else warmup / total_steps
+    scale = progress / warm if progress < warm else max(0.0, (1 - progress) / (1 - warm))
+    return max(scale, 1e-3)
 
 
 @torch.no_grad()
