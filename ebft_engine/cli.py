@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="RUN_DIR",
                    help="continue a killed, cancelled or failed run in its folder, from its last finished block "
                         "(with its own settings: only --batch-size, --activations, --json-out and --quiet)")
-    r.add_argument("--quiet", action="store_true", help="no progress bar; print the table only")
+    r.add_argument("--quiet", action="store_true", help="no progress: print warnings, errors and the final table only")
     g = sub.add_parser("grid", help="methods x sparsities x recoveries in one command, one table out",
                        description="One run per (sparsity, method), each with the recoveries; writes OUT.csv and "
                                    "OUT.md. Other flags override the preset for every run.")
@@ -271,10 +271,12 @@ class _Printer:
                 return
 
     def _run_started(self, event: RunStarted) -> None:
-        self.say(f"{'resuming run' if event.resumed else 'run'} {event.run_id} -> {event.run_dir}")
+        if not self.quiet:
+            self.say(f"{'resuming run' if event.resumed else 'run'} {event.run_id} -> {event.run_dir}")
 
     def _notice(self, event: Notice) -> None:
-        self.say(f"[{event.level}] {event.text}")
+        if not (self.quiet and event.level == "info"):
+            self.say(f"[{event.level}] {event.text}")
 
     def _phase_started(self, event: PhaseStarted) -> None:
         if not self.quiet:
@@ -303,10 +305,12 @@ class _Printer:
             self.say(f"   {event.phase} {event.label} done in {event.seconds:.1f}s".replace("  ", " "))
 
     def _eval_finished(self, event: EvalFinished) -> None:
-        self.say(f"   ppl[{event.label}] = {event.ppl:.3f}")
+        if not self.quiet:  # the final table has them all
+            self.say(f"   ppl[{event.label}] = {event.ppl:.3f}")
 
     def _zeroshot_finished(self, event: ZeroShotFinished) -> None:
-        self.say(f"   zero-shot[{event.label}]: " + ", ".join(
+        if not self.quiet:
+            self.say(f"   zero-shot[{event.label}]: " + ", ".join(
             f"{task} acc {r.get('acc', float('nan')):.3f}" for task, r in event.results.items()))
 
     def _run_finished(self, event: RunFinished) -> None:
