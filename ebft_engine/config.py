@@ -268,7 +268,8 @@ class RunConfig:
         check_int("seed", self.seed, 0, "use a non-negative integer seed")
         for name in ("runs_dir", "save_model", "json_out"):
             check_path(name, getattr(self, name))
-        check_sections(self.calib, self.eval, self.ebft)
+        trains = any(registry.recovery_entry(r).build().trains for r in self.recoveries)  # ebft, ebft-gp
+        check_sections(self.calib, self.eval, self.ebft, trains_blocks=trains)
 
     # ---- (de)serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

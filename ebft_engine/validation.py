@@ -206,14 +206,14 @@ def check_path(name: str, value: Any) -> None:
         raise ConfigError(name, f"{value!r} is not a path", "give a folder or file path")
 
 
-def check_sections(calib: Any, eval_: Any, ebft: Any) -> None:
-    """What one section asks of another: calibration text apart from the evaluated text, and an EBFT batch no
-    larger than the calibration set."""
+def check_sections(calib: Any, eval_: Any, ebft: Any, trains_blocks: bool = True) -> None:
+    """What one section asks of another: calibration text apart from the evaluated text, and, when a recovery
+    trains blocks (``trains_blocks``: ebft, ebft-gp), an EBFT batch no larger than the calibration set."""
     if calib.source.startswith("file:") and calib.source == eval_.source:
         raise ConfigError("calib.source", f"calibrating on {calib.source[5:]!r}, the same text that is "
                           "evaluated, would contaminate the perplexity", "calibrate on another file, c4 "
                           "or self")
-    if calib.nsamples < ebft.batch_size and ebft.epochs > 0:
+    if trains_blocks and calib.nsamples < ebft.batch_size and ebft.epochs > 0:
         raise ConfigError("ebft.batch_size", f"{ebft.batch_size} is larger than calib.nsamples "
                           f"({calib.nsamples})", "use a batch size no larger than the number of "
                           "calibration samples")

@@ -102,3 +102,11 @@ def test_the_cli_prunes_llm_pruners_default_share():
     assert config_from_args(args).prune.sparsity == 0.2
     args = build_parser().parse_args(["run", "--pattern", "3:8"])
     assert config_from_args(args).prune.sparsity == pytest.approx(0.625)
+
+
+def test_the_ebft_batch_is_checked_only_when_a_recovery_trains_blocks():
+    """LoRA alone never uses ebft.batch_size: a calibration set smaller than it is fine then."""
+    config = RunConfig().with_overrides({"calib.nsamples": 4, "recoveries": ["lora"]})
+    assert config.calib.nsamples == 4 < config.ebft.batch_size
+    with pytest.raises(ConfigError, match="larger than calib.nsamples"):
+        config.with_overrides({"recoveries": ["lora", "ebft-gp"]})
