@@ -39,6 +39,8 @@ class Block(nn.Module):
 class Adapter:
     """What the loop reads of a model's family adapter."""
 
+    input_groups = (("q_proj",), ("o_proj",))  # the projections by the input they read (statistics hooks)
+
     def __init__(self, seed: int = 0):
         torch.manual_seed(seed)
         self.blocks = nn.ModuleList(Block() for _ in range(N_BLOCKS))
