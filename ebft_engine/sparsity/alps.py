@@ -70,7 +70,7 @@ class Quadratic:
     def times(self, P: torch.Tensor) -> torch.Tensor:
         """P A for row vectors P (out, in): ((P S⁻¹) H + λ P S⁻¹) S⁻¹."""
         Ps = P / self.scale
-        return (Ps @ self.hessian + self.damp * Ps) / self.scale
+        return torch.addmm(Ps, Ps, self.hessian, beta=self.damp).div_(self.scale)
 
     def solve(self, R: torch.Tensor, rho: float) -> torch.Tensor:
         """R (A + ρI)⁻¹ for row vectors R."""
@@ -86,7 +86,9 @@ def quadratic(hessian: torch.Tensor, device: torch.device | None = None,
     if not damp > 0:  # no input ever fired: the identity quadratic (about magnitude pruning)
         damp = 1.0
     scale = (diag + damp).sqrt()
-    A = (H + damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)) / scale / scale.unsqueeze(1)
+    A = H.clone()  # built in place: the eigendecomposition's own copy and workspace are the big transients
+    A.diagonal().add_(damp)
+    A.div_(scale).div_(scale.unsqueeze(1))
     for dtype in (torch.float32, torch.float64):
         try:
             values, vectors = torch.linalg.eigh(A.to(dtype))
@@ -171,24 +173,25 @@ def refit(W: torch.Tensor, W0: torch.Tensor, q: Quadratic, mask: torch.Tensor, s
           rtol: float = CG_RTOL) -> torch.Tensor:
     """Minimise tr((W − W0) A (W − W0)ᵀ) over the weights on ``mask`` by conjugate gradient from W, one
     system per output row (A's diagonal is one: the Jacobi preconditioner is already applied)."""
-    keep = mask.to(W.dtype)
-    target = q.times(W0) * keep
-    X = W * keep
-    R = target - q.times(X) * keep
+    target = q.times(W0).mul_(mask)
+    X = W * mask
+    R = target - q.times(X).mul_(mask)
     P, rr = R, (R * R).sum(1)
     tolerance = (rtol * target.norm(dim=1)) ** 2
+    del target
     for _ in range(steps):
         if bool((rr <= tolerance).all()):
             break
-        AP = q.times(P) * keep
+        AP = q.times(P).mul_(mask)
         curvature = (P * AP).sum(1)
         alpha = torch.where(curvature > 0, rr / curvature.clamp_min(1e-30), torch.zeros_like(rr)).unsqueeze(1)
-        X = X + alpha * P
+        X.add_(alpha * P)
         R = R - alpha * AP
+        del AP
         rr_next = (R * R).sum(1)
         beta = torch.where(rr > 0, rr_next / rr.clamp_min(1e-30), torch.zeros_like(rr)).unsqueeze(1)
         P, rr = R + beta * P, rr_next
-    return X * keep
+    return X
 
 
 def alps_prune(weight: torch.Tensor, q: Quadratic, sparsity: float, nm: tuple[int, int] | None,
