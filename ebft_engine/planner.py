@@ -14,7 +14,7 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
   30h + 8f + 4kv bytes per token under bf16 autocast (measured exactly by summing saved tensors of a LLaMA
   block with saved_tensors_hooks, widths 576 to 2048: within 0.1%), doubled without autocast, and the
   backward pass's transient gradients of the widest activations (about 12f + 8h per token);
-- SparseGPT's Hessians: (3h^2 + f^2) float32 per block, times three while the inverse is factorised;
+- Hessians: (3h^2 + f^2) float32 per block, times three (sums, scaled copy, factor); more for ALPS (_hessian_bytes);
 - structured pruning's importance pass (LLM-Pruner): the whole model on the device and one backward pass over
   taylor_samples x taylor_seqlen tokens with activation checkpointing, each weight's gradient reduced to its
   groups' sums as soon as it exists;
@@ -29,6 +29,7 @@ The planner is checked against measurement by ``bench/memory.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -170,8 +171,7 @@ class _Run:
     base: int  # host bytes held throughout: runtime, model, dense snapshot
     act: int  # one stream of calibration activations
     autocast: int  # 1 under autocast, 2 without (autograd keeps float32 activations)
-    hessian_bytes: int  # one block's Hessians while the inverse is factorised
-    needs_hessian: dict[str, bool]  # by pruning method
+    hessian_bytes: dict[str, int]  # by pruning method: what its Hessians hold while it prunes a block (or 0)
 
     def inference(self, tokens: int) -> int:  # transient of one no-grad block call: q,k,v,attention out, MLP
         return tokens * (4 * (4 * self.s.hidden + 2 * self.s.kv) + 4 * 3 * self.s.intermediate)
@@ -185,15 +185,14 @@ class _Run:
 
 def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool) -> list[PhasePlan]:
     sb = p.storage.itemsize
-    h, f, pb = s.hidden, s.intermediate, s.block_params
+    h, pb = s.hidden, s.block_params
     model = s.params * sb
     snapshot = s.layers * pb * sb if s.params <= CACHE_MAX_PARAMS else 0
-    # Hessians for whichever method reads them (from the registry: sparsegpt, sparsegpt-mask, owl-sparsegpt,
-    # DSnoT started from a SparseGPT mask), while a block is pruned: in a baseline's pass and in EBFT's own
+    # each method's Hessians while it prunes a block (_hessian_bytes): in a baseline's pass and in EBFT's own
     run = _Run(s, cfg, p, acts, sb, on_gpu=p.device.type != "cpu", model=model,
                base=RUNTIME_BYTES + model + snapshot, act=cfg.calib.total * cfg.calib.seqlen * h * sb,
-               autocast=1 if p.compute is not None else 2, hessian_bytes=3 * (3 * h * h + f * f) * 4,
-               needs_hessian={m: "hessian" in _statistics(m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}})
+               autocast=1 if p.compute is not None else 2,
+               hessian_bytes={m: _hessian_bytes(s, m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}})
     phases = [PhasePlan("load", 0, RUNTIME_BYTES + model + (model if gguf else 0), {"model": model}),
               _data_phase(run, calib_cached), _eval_phase(run)]
     if cfg.prune.structured:
@@ -245,7 +244,7 @@ def _importance_phase(r: _Run) -> PhasePlan:
 
 def _prune_phase(r: _Run) -> PhasePlan:
     pb, seqlen = r.s.block_params, r.cfg.calib.seqlen
-    hessians = r.hessian_bytes if any(r.needs_hessian.values()) else 0
+    hessians = max(r.hessian_bytes.values())
     prune_acts = 2 * r.act
     prune_dev = pb * r.sb + hessians + r.inference(INFER_BATCH * seqlen) + pb  # + bool masks
     return PhasePlan("prune", prune_dev + (prune_acts if r.acts == "device" else 0) if r.on_gpu else 0,
@@ -260,7 +259,7 @@ def _ebft_terms(r: _Run) -> tuple[int, int, int, int]:
     tokens = r.cfg.ebft.batch_size * r.cfg.calib.seqlen
     autograd = r.saved(tokens) + r.backward(tokens)
     state = pb * (16 + 1 + (2 if r.p.compute is not None else 0))
-    hessian = r.hessian_bytes if r.needs_hessian.get(r.cfg.prune.method) else 0
+    hessian = r.hessian_bytes[r.cfg.prune.method]
     pruning = pb * r.sb + pb + hessian + r.inference(INFER_BATCH * r.cfg.calib.seqlen)
     return state, autograd, state + autograd, pruning
 
@@ -314,8 +313,6 @@ EVAL_TOKENS = {"wikitext2": 340_000, "ptb": 120_000}
 def _eval_windows(cfg: RunConfig, seqlen: int) -> int:
     source = cfg.eval.source
     if source.startswith("file:"):
-        from pathlib import Path
-
         path = Path(source[5:])
         tokens = path.stat().st_size // 4 if path.is_file() else 0
     elif source == "c4":
@@ -390,11 +387,14 @@ def _gib(n: int | None) -> str:
     return "?" if n is None else f"{n / GiB:.2f} GiB"
 
 
-def _statistics(method: str, cfg: RunConfig) -> frozenset[str]:
-    """What ``method`` (any --method or --baselines value) reads of each layer's inputs, from the registry."""
+def _hessian_bytes(s: Shape, method: str, cfg: RunConfig) -> int:
+    """What ``method`` (any --method or --baselines value) holds of one block's Hessians, if it reads them: each
+    group's sums, scaled copy and factor; ALPS (sparsity/alps.py) adds the larger of its eigendecomposition's input
+    and workspace (~4f^2) and its ADMM's float32 buffers of the widest layer (11 measured, 12 planned)."""
     from .sparsity import get_method
 
     _allocation, entry = registry.split_method(method)
-    if entry.kind != "mask":  # a structured method scores whole groups from gradients, not layer statistics
-        return frozenset()
-    return get_method(entry.name).needs_with(cfg.prune)
+    if entry.kind != "mask" or "hessian" not in get_method(entry.name).needs_with(cfg.prune):
+        return 0
+    h, f = s.hidden, s.intermediate
+    return (3 * (3 * h * h + f * f) + (max(4 * f * f, 12 * h * f) if entry.name == "alps" else 0)) * 4

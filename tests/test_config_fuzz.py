@@ -125,8 +125,8 @@ def test_single_override_lands_or_raises_config_error(key, value):
 EXAMPLES = {
     "model": "./my-model", "prune": {"method": "llm-pruner"}, "prune.method": "sparsegpt",
     "prune.sparsity": "0.7", "prune.pattern": "2:4", "prune.dsnot_init": "magnitude", "prune.dsnot_layers": "all",
-    "prune.owl_lambda": 1, "prune.owl_m": "3", "prune.keep_first": "2", "prune.keep_last": 0,
-    "prune.taylor_samples": 5, "prune.taylor_seqlen": "32",
+    "prune.alps_iterations": "60", "prune.owl_lambda": 1, "prune.owl_m": "3", "prune.keep_first": "2",
+    "prune.keep_last": 0, "prune.taylor_samples": 5, "prune.taylor_seqlen": "32",
     "calib": {"nsamples": 16, "source": "self"}, "calib.source": "wikitext2", "calib.nsamples": "64",
     "calib.seqlen": 128, "calib.self_nsamples": 4,
     "ebft": {"epochs": 3}, "ebft.epochs": 0, "ebft.lr": "1e-3", "ebft.batch_size": 4, "ebft.weight_decay": 0,

@@ -104,6 +104,24 @@ def test_hessians_are_planned_for_every_method_the_registry_says_reads_them(pape
     assert plan.phase("prune").parts["hessians"] == (3 * (3 * h * h + f * f) * 4 if hessians else 0)
 
 
+@pytest.mark.parametrize("overrides", [{"baselines": ["alps"]}, {"baselines": ["owl-alps", "sparsegpt"]},
+                                       {"prune.method": "alps"}])
+def test_alps_plans_its_eigendecomposition_or_admm_state_on_top_of_the_hessians(paper, overrides):
+    """ALPS holds what SparseGPT does (sums, scaled copy, a factor: its eigenvectors) and then the larger of the
+    eigendecomposition's transients (about 4 f^2) and its ADMM's float32 buffers of the widest layer (12 h f: the
+    larger for LLaMA-7B)."""
+    small = {"ebft.batch_size": 1, "calib.nsamples": 16}  # so that pruning, not training, sets EBFT's peak
+    config = paper.with_overrides({"prune.method": "wanda", **small, **overrides})
+    plan = plan_memory(SEVEN_B["llama-7b"], config, CUDA_BF16, device_capacity=GPU16)
+    h, f = 4096, 11008
+    sgpt_bytes, alps_bytes = 3 * (3 * h * h + f * f) * 4, (3 * (3 * h * h + f * f) + 12 * h * f) * 4
+    assert plan.phase("prune").parts["hessians"] == alps_bytes
+    sgpt = plan_memory(SEVEN_B["llama-7b"], config.with_overrides({"prune.method": "sparsegpt", "baselines": []}),
+                       CUDA_BF16, device_capacity=GPU16)
+    if config.prune.method == "alps":  # EBFT's own pruning pass is ALPS's
+        assert plan.phase("ebft").device - sgpt.phase("ebft").device == alps_bytes - sgpt_bytes
+
+
 def test_ebfts_phase_covers_pruning_its_block_with_hessians(paper):
     small = {"ebft.batch_size": 1, "calib.nsamples": 16}
     wanda = plan_memory(SEVEN_B["llama-7b"], paper.with_overrides({"prune.method": "wanda", **small}),

@@ -22,8 +22,8 @@ from lab.panels.prune import method_choices
 RICH = RunConfig().with_overrides({
     "model": "tiny-random", "prune.method": "llm-pruner", "prune.pattern": "structured", "prune.sparsity": 0.35,
     "baselines": ["llm-pruner"], "recoveries": ["ebft-gp", "lora"], "prune.dsnot_init": "magnitude",
-    "prune.dsnot_layers": "all", "prune.owl_lambda": 0.12, "prune.owl_m": 6.5, "prune.keep_first": 1,
-    "prune.keep_last": 14, "prune.taylor_samples": 12, "prune.taylor_seqlen": 33, "calib.source": "wikitext2",
+    "prune.dsnot_layers": "all", "prune.alps_iterations": 77, "prune.owl_lambda": 0.12, "prune.owl_m": 6.5,
+    "prune.keep_first": 1, "prune.keep_last": 14, "prune.taylor_samples": 12, "prune.taylor_seqlen": 33, "calib.source": "wikitext2",
     "calib.nsamples": 48, "calib.seqlen": 96, "calib.self_nsamples": 5, "ebft.epochs": 3, "ebft.lr": 0.004,
     "ebft.batch_size": 6, "lora.rank": 7, "lora.lr": 0.0003, "lora.budget": "epochs", "eval.source": "c4",
     "eval.seqlen": 200, "eval.windows": 9, "eval.zeroshot": ["boolq", "rte"], "eval.zeroshot_limit": 11,
@@ -41,6 +41,7 @@ LABELS = {
     "recoveries": ("Pruning", "Recoveries"),
     "prune.dsnot_init": ("Pruning", "DSnoT refines"),
     "prune.dsnot_layers": ("Pruning", "DSnoT layers"),
+    "prune.alps_iterations": ("Pruning", "ALPS: ADMM iterations at most"),
     "prune.owl_lambda": ("Pruning", "OWL λ (sparsity spread)"),
     "prune.owl_m": ("Pruning", "OWL M (outlier threshold)"),
     "prune.keep_first": ("Pruning", "Structured: keep first blocks"),
