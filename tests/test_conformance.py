@@ -231,8 +231,8 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def _run_args(tmp_path: Path, text_files) -> list[str]:
     calib, evaluation = text_files
     return ["run", "--model", "tiny-random", "--calib", f"file:{calib}", "--nsamples", "4", "--seqlen", "32",
-            "--eval", f"file:{evaluation}", "--eval-seqlen", "64", "--eval-windows", "2", "--batch-size", "4", "--device", "cpu",
-            "--runs-dir", str(tmp_path / "runs"), "--json-out", str(tmp_path / "summary.json"), "--quiet"]
+            "--eval", f"file:{evaluation}", "--eval-seqlen", "64", "--eval-windows", "2", "--batch-size", "4",
+            "--device", "cpu", "--runs-dir", str(tmp_path / "runs"), "--json-out", str(tmp_path / "summary.json")]
 
 
 def _remove(path: Path) -> None:
