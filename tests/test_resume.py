@@ -108,7 +108,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(four_block_config, tmp
 
 def test_resume_from_the_command_line(four_block_config, tmp_path):
     run_dir = _kill_at(four_block_config, tmp_path, "block_finished", "ebft", "0")
-    proc = subprocess.run([sys.executable, "-m", "ebft_engine", "run", "--resume", str(run_dir), "--quiet"],
+    proc = subprocess.run([sys.executable, "-m", "ebft_engine", "run", "--resume", str(run_dir)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"resuming run {run_dir.name}" in proc.stdout and "| ebft |" in proc.stdout
