@@ -29,8 +29,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
         [f"{e.name}-<method>" for e in registry.pruning_entries("allocation")])),
     "--sparsity": ("prune.sparsity", float, "fraction of weights removed per linear layer, in [0, 1); with "
                                             "llm-pruner, of all blocks' weights"),
-    "--pattern": ("prune.pattern", str, "unstructured, 2:4 or 4:8 (N kept of every M), or structured (llm-pruner: "
-                                        "whole heads and MLP channels, smaller matrices)"),
+    "--pattern": ("prune.pattern", str, "unstructured, N:M such as 2:4 or 4:8 (N kept of every M), or structured "
+                                        "(llm-pruner: whole heads and MLP channels, smaller matrices)"),
     "--calib": ("calib.source", str, "calibration data: c4, wikitext2, self or file:PATH"),
     "--nsamples": ("calib.nsamples", int, "number of calibration sequences"),
     "--seqlen": ("calib.seqlen", int, "tokens per calibration sequence"),
@@ -64,7 +64,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("seed", int, "random seed"),
     "--runs-dir": ("runs_dir", str, "where run folders are written (default runs/)"),
     "--json-out": ("json_out", str, "also write the summary JSON here"),
-    "--save-model": ("save_model", str, "save the EBFT model as safetensors in this folder"),
+    "--save-model": ("save_model", str, "save the run's last model as safetensors in this folder"),
 }
 
 # every registered method's options: --dsnot-init, --owl-lambda, --keep-first, ... (registry.option)
@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparsities", required=True, help="comma-separated fractions and N:M patterns, e.g. 0.5,0.7,2:4")
     g.add_argument("--out", default="grid", help="table path without extension (default: grid -> grid.csv, grid.md)")
     for flag, (_field, _type, help_text) in FLAGS.items():
-        if flag not in ("--method", "--sparsity", "--pattern", "--baselines"):
+        # a grid sets method and sparsity per cell, and one --json-out or --save-model would be overwritten by
+        # every run: each run's summary is in its folder, named in the table
+        if flag not in ("--method", "--sparsity", "--pattern", "--baselines", "--json-out", "--save-model"):
             g.add_argument(flag, help=help_text)
     pl = sub.add_parser("plan", help="will it fit? the memory plan of a run on a named GPU, from the model's "
                                      "config alone (no weights, no GPU needed)",
@@ -255,7 +257,7 @@ class _Printer:
     """Renders events: one line per phase, a progress bar over blocks, the table at the end."""
 
     def __init__(self, out: TextIO, quiet: bool):
-        self.out, self.quiet, self.bar = out, quiet, None
+        self.out, self.quiet, self.bar, self.run_dir = out, quiet, None, None
 
     def say(self, text: str) -> None:
         if self.bar is not None:
@@ -271,6 +273,7 @@ class _Printer:
                 return
 
     def _run_started(self, event: RunStarted) -> None:
+        self.run_dir = event.run_dir
         if not self.quiet:
             self.say(f"{'resuming run' if event.resumed else 'run'} {event.run_id} -> {event.run_dir}")
 
@@ -316,7 +319,7 @@ class _Printer:
     def _run_finished(self, event: RunFinished) -> None:
         self.close()
         self.say(format_table(event.summary))
-        self.say(f"status: {event.status}")
+        self.say(f"status: {event.status}" + (f" (run folder {self.run_dir})" if self.run_dir else ""))
 
     _HANDLERS = ((RunStarted, _run_started), (Notice, _notice), (PhaseStarted, _phase_started),
                  (BlockStarted, _block_started), (StepLoss, _step_loss), (BlockFinished, _block_finished),

@@ -44,7 +44,7 @@ def load(run) -> Iterator[Event]:
     run.dense_numel = [st.dense_numel(model_config, c) for c in st.loaded_counts(run.model)]
     n_params = sum(t.numel() for t in run.model.parameters())
     run.summary.params.setdefault("dense", n_params)
-    yield Notice("info", f"loaded {source.label}: {run.adapter.num_blocks} blocks, {n_params / 1e6:.0f}M parameters; "
+    yield Notice("info", f"loaded {source.label}: {run.adapter.num_blocks} blocks, {n_params / 1e6:.3g}M parameters; "
                          f"device {p.device}, weights {dtype_name(p.storage)}, compute {dtype_name(p.compute)}")
 
 

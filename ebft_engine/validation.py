@@ -178,7 +178,8 @@ def check_baselines(baselines: tuple[str, ...], prune: Any) -> None:
             raise ConfigError("baselines", f"{b} and --method {prune.method} prune in different patterns "
                               f"({'structured' if registry.is_structured(b) else 'weight by weight'} vs "
                               f"{prune.pattern}), which are measured apart",
-                              "run structured pruning (llm-pruner) and the other methods as separate runs")
+                              "run structured pruning (llm-pruner) and the other methods as separate runs: "
+                              "here --baselines '' (none) or --baselines llm-pruner")
     if prune.nm is not None and any(registry.split_method(b)[0] is not None for b in baselines):
         raise ConfigError("baselines", f"a per-block allocation (owl-) makes unstructured sparsity and the "
                           f"pattern is {prune.pattern}", "drop the owl- baselines or use --pattern "

@@ -44,7 +44,7 @@ def test_cli_run_on_tiny_model_prints_table(tiny_run_config, tmp_path):
     assert set(json.loads((tmp_path / "s.json").read_text())["ppl"]) == {"dense", "wanda", "ebft"}
     # --quiet: no progress, no info lines; the table and the status (warnings and errors would show too)
     assert "[info]" not in text and "ppl[" not in text and "== " not in text and not text.startswith("run ")
-    assert text.rstrip().endswith("status: finished")
+    assert "status: finished (run folder " in text.rstrip().splitlines()[-1]  # where the run went, even quiet
 
 
 def test_missing_model_is_bad_input_with_one_line(tiny_run_config, tmp_path, capsys):

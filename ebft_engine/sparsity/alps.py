@@ -51,6 +51,7 @@ CG_RTOL = 1e-4
 class AlpsOptions:
     alps_iterations: int = option(ITERATIONS, "ALPS: at most this many ADMM iterations per layer (the authors' 300; "
                                   "0 keeps the initial top-k and only refits)", minimum=0,
+                                  fix="use a number of iterations such as 300 (0: only the refit)",
                                   label="ALPS: ADMM iterations at most")
 
 

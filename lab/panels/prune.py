@@ -45,7 +45,7 @@ def option_control(f: dataclasses.Field, value: Any) -> Component:
     if meta.get("choices"):
         return gr.Dropdown(list(meta["choices"]), value=value, label=label, info=meta["help"])
     whole = "int" in str(f.type) and "float" not in str(f.type)
-    return gr.Number(value, precision=0 if whole else None, label=label)
+    return gr.Number(value, precision=0 if whole else None, label=label, info=meta["help"])
 
 
 def create_prune_panel(v: ControlValues) -> dict[str, Component]:
