@@ -8,8 +8,8 @@ a recovery for the targets and the training, then propagates the calibration str
         masks   = pruner.prune(block, i, stats, sparsityᵢ)
         Xᵢ₊₁    = recovery.recover(block, Xᵢ, targets, masks)   trained or not, the block's outputs
 
-A pruner (``pruners.py``) allocates the per-block sparsities (uniform, OWL, structured's keep-first/last) and
-makes one block's masks, or shrinks it; a recovery (``recoveries.py``) says what the block is trained towards.
+A pruner (``pruners/``) allocates the per-block sparsities (uniform, OWL, structured's keep-first/last) and
+makes one block's masks, or shrinks it; a recovery (``recoveries/``) says what the block is trained towards.
 Both see the run through :class:`BlockRun`, the services this loop and they share.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ class Variant:
 
     label: str
     pruner: Pruner
-    recovery: Any  # a BlockRecovery that may also recover the whole model afterwards (recoveries.Recovery)
+    recovery: Any  # a BlockRecovery that may also recover the whole model afterwards (recoveries/)
 
 
 def block_loop(run: BlockRun, variant: Variant) -> Iterator[Event]:

@@ -3,6 +3,7 @@ generator of events for ``Run.phase``, which announces and times it; they read a
 from __future__ import annotations
 
 import shutil
+import time
 from typing import Iterator
 
 import torch
@@ -18,7 +19,7 @@ from .models import (adapter_for, count_params, load_config, load_model_cached, 
                      save_structure)
 from .planner import GiB, capacities, plan_memory, remedy
 from .sparsity import structured as st
-from .summary import CalibInfo, EvalInfo, MemoryPlanInfo, PrecisionInfo
+from .summary import CalibInfo, EvalInfo, MemoryPlanInfo, PrecisionInfo, dtype_name
 
 
 def load(run) -> Iterator[Event]:
@@ -114,13 +115,13 @@ def _generating(run, nsamples: int, what: str) -> Notice:
 def evaluate(run, label: str) -> Iterator[Event]:
     """Perplexity of the model as it is now, recorded under ``label`` (written to the summary at once)."""
     run.stage, run.where = "eval", f"the evaluation of {label}"
-    started = run.clock()
+    started = time.perf_counter()
     res = perplexity(run.adapter, run.eval_ids, run.eval_seqlen, run.precision, windows=run.config.eval.windows,
                      cancelled=run.cancelled, label=label)
     run.summary.ppl[label] = res.ppl
     run.write_summary()  # a finished number survives a crash
     yield EvalFinished(label=label, ppl=res.ppl, source=run.config.eval.source, seqlen=res.seqlen,
-                       windows=res.windows, tokens=res.tokens, partial=res.partial, seconds=run.clock() - started)
+                       windows=res.windows, tokens=res.tokens, partial=res.partial, seconds=time.perf_counter() - started)
 
 
 def zero_shot(run, label: str) -> Iterator[Event]:
@@ -129,7 +130,7 @@ def zero_shot(run, label: str) -> Iterator[Event]:
 
     ev, p = run.config.eval, run.precision
     run.stage, run.where = "zeroshot", f"the zero-shot evaluation of {label}"
-    started = run.clock()
+    started = time.perf_counter()
     try:
         run.model.to(p.device)
         with p.autocast():
@@ -139,7 +140,7 @@ def zero_shot(run, label: str) -> Iterator[Event]:
         run.model.to("cpu")
     run.summary.zeroshot[label] = results
     run.write_summary()
-    yield ZeroShotFinished(label=label, results=results, limit=ev.zeroshot_limit, seconds=run.clock() - started)
+    yield ZeroShotFinished(label=label, results=results, limit=ev.zeroshot_limit, seconds=time.perf_counter() - started)
 
 
 def save(run) -> Iterator[Event]:
@@ -157,7 +158,3 @@ def save(run) -> Iterator[Event]:
         raise EbftError(f"save_model: cannot write {path!r} ({e.strerror}); choose a writable folder") from None
     return
     yield
-
-
-def dtype_name(dtype) -> str:
-    return "none" if dtype is None else str(dtype).replace("torch.", "")

@@ -49,8 +49,6 @@ class Run:
         record.write_config(config.to_dict())
         self.write_summary()  # a crash leaves this: the folder says it never finished
 
-    clock = staticmethod(time.perf_counter)
-
     def emit(self, event: Event) -> Event:
         """Record ``event`` in the run folder and pass it on."""
         self.record.append(event)

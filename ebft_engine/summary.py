@@ -174,10 +174,10 @@ class PrecisionInfo(_Part):
     @classmethod
     def of(cls, precision) -> PrecisionInfo:
         """From a :class:`ebft_engine.device.Precision`."""
-        return cls(str(precision.device), _dtype_name(precision.storage), _dtype_name(precision.compute))
+        return cls(str(precision.device), dtype_name(precision.storage), dtype_name(precision.compute))
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
     return "none" if dtype is None else str(dtype).replace("torch.", "")
 
 
