@@ -122,17 +122,22 @@ def test_owl_at_90_with_a_wide_spread_measures_90_within_rounding(tiny_run_confi
     summary = events[-1].summary
     assert summary["status"] == "finished"
     profile = summary["sparsity_profile"]["owl-wanda"]
-    assert max(profile) == pytest.approx(0.99) and sum(profile) / 4 == pytest.approx(0.9, abs=1e-6)
+    # OWL's clamped profile is about [0.99, 0.86, 0.76, 0.99]; in whole weights per row (steps of 1/64 here,
+    # docs/methods/owl.md#whole-weights-per-row) the clamped blocks stay under 0.99, and the part of a step left
+    # over goes to one block, so the mean is still 0.9
+    assert sum(not float(s * 64).is_integer() for s in profile) <= 1 and max(profile) == 63 / 64
+    assert sum(profile) / 4 == pytest.approx(0.9, abs=1e-6)
     warnings = [e.text for e in events if e.kind == "notice" and e.level == "warning"]
     assert any(w.startswith("OWL: λ=0.2 spreads the sparsity of block(s) 0 beyond [0.01, 0.99]") and
                "the mean stays 0.9" in w for w in warnings), warnings
-    # Wanda removes int(cols * s) of every row: the measured figure is the profile's, rounded per row, no more
+    # Wanda removes int(cols * s) of every row: whole counts lose nothing, the one fractional block under a
+    # weight per row; before whole rows every row of every block lost up to one (0.9 - 1/64 < measured <= 0.9)
     shapes = st_dense_shapes(model_config)
     total = 4 * sum(n_in * n_out for n_in, n_out in shapes.values())
     removed = sum(n_out * prune_count(n_in, s) for s in profile for n_in, n_out in shapes.values())
     measured = summary["actual_sparsity"]["owl-wanda"]
     assert measured == pytest.approx(removed / total, abs=1e-12)
-    assert 0.9 - 1 / 64 < measured <= 0.9  # each row rounds down by less than one of its 64 (or 128) weights
+    assert 0 <= 0.9 - measured < sum(n_out for _n_in, n_out in shapes.values()) / total
 
 
 def test_owl_with_n_of_m_is_refused():

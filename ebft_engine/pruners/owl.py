@@ -13,7 +13,7 @@ from ..events import Event, Notice
 from ..loop import BlockMasks, BlockRun, check_cancelled, embed_calibration, forward
 from ..registry import PruningEntry, add_pruning, option
 from ..sparsity import StatsCollector
-from ..sparsity.owl import OWL_BOUNDS, owl_sparsities, owl_spread
+from ..sparsity.owl import OWL_BOUNDS, owl_spread, owl_whole_row_sparsities
 from ..sparsity.wanda import wanda_scores
 from .mask import MaskPruner
 
@@ -30,7 +30,8 @@ class OwlOptions:
 class OwlPruner:
     """A mask pruner whose per-block sparsities follow OWL (docs/methods/owl.md#outlier-ratio): each block's outlier
     ratio of Wanda scores over all its projections, from a pass over the dense model, spread ±λ around the
-    target with the same mean."""
+    target with the same mean, then rounded to whole weights per row of every layer with the remainders carried
+    between blocks (docs/methods/owl.md#whole-weights-per-row), so that the run measures the target."""
 
     structured = False
 
@@ -39,13 +40,14 @@ class OwlPruner:
 
     def allocate(self, run: BlockRun, label: str, start: int) -> Generator[Event, None, list[float]]:
         # from the dense model, before any block of this variant is pruned or restored
-        cfg, stream, ratios = self.cfg, embed_calibration(run), []
+        cfg, stream, ratios, shapes = self.cfg, embed_calibration(run), [], []
         for i, block in enumerate(run.adapter.blocks):
             check_cancelled(run)
             run.stage, run.where = "block", f"block {i} of OWL's dense pass"
             block.to(run.precision.device)
             stats = StatsCollector(frozenset({"input_norms"}), run.adapter.input_groups)
             linears = run.adapter.linears(block)
+            shapes.append([tuple(layer.weight.shape) for layer in linears.values()])  # (rows, cols) each
             with stats.attach(linears):
                 stream, _ = forward(run, block, stream, stats=stats)
             block.to("cpu")
@@ -61,9 +63,9 @@ class OwlPruner:
                          f"{', '.join(map(str, clamped))} beyond [{lo:g}, {hi:g}] "
                          f"({', '.join(f'{raw[i]:.3f}' for i in clamped)}): clamped, and the other blocks "
                          f"take the difference so that the mean stays {cfg.sparsity:g}")
-        sparsities = owl_sparsities(ratios, cfg.sparsity, cfg.owl_lambda)
+        sparsities = owl_whole_row_sparsities(ratios, cfg.sparsity, cfg.owl_lambda, shapes)
         yield Notice("info", f"OWL per-block sparsity for {label}: " +
-                     ", ".join(f"{s:.3f}" for s in sparsities))
+                     ", ".join(f"{s:.3f}" for s in sparsities) + " (whole weights per row)")
         return sparsities
 
     def prune(self, run: BlockRun, block: nn.Module, index: int, stats: StatsCollector,
