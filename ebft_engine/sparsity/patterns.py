@@ -56,7 +56,8 @@ def _remove_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     removed = scores <= t  # NaN is never <= t: kept, unless t itself is NaN
     if bool(t_nan.any()):  # every number of that row ranks below NaN; its NaNs are the ties
         removed |= t_nan
-    extra = removed.count_nonzero(1) - k  # ties at t beyond what the row must remove
+    counts = removed.count_nonzero().reshape(1) if rows == 1 else removed.sum(1, dtype=torch.int32)
+    extra = counts - k  # ties at t beyond what the row must remove
     if bool(extra.any()):
         tied = extra.nonzero().squeeze(1)
         row, t_row = scores[tied], t[tied]
@@ -84,12 +85,14 @@ def _bracketed_kth(flat: torch.Tensor, k: int) -> torch.Tensor | None:
     """
     n = flat.numel()
     positions = torch.arange(SAMPLE, device=flat.device).mul_(SPREAD).remainder_(n)
-    sample = flat[positions].sort().values
+    sample = flat[positions]
     share = k / n
     centre, margin = int(share * SAMPLE), int(4 * (SAMPLE * share * (1 - share)) ** 0.5) + 8
-    lo, hi = sample[max(centre - margin, 0)], sample[min(centre + margin, SAMPLE - 1)]
-    below = int((flat < lo).count_nonzero())
-    within = flat[(flat >= lo) & (flat <= hi)]
+    lo = sample.kthvalue(max(centre - margin, 0) + 1).values  # kthvalue ranks NaN last, as the sort does
+    hi = sample.kthvalue(min(centre + margin, SAMPLE - 1) + 1).values
+    under = flat < lo
+    below = int(under.count_nonzero())
+    within = flat[(flat <= hi).logical_and_(under.logical_not_())]  # empty if hi is NaN
     if below < k <= below + within.numel():
         return within.kthvalue(k - below).values
     return None
