@@ -1,6 +1,8 @@
 """Turn importance scores into boolean keep-masks at an exact sparsity.
 
-``True`` means the weight is kept. Ties are broken by position (a stable sort), so masks are deterministic.
+``True`` means the weight is kept. Ties are broken by position, so masks are deterministic: every mask is the
+one a stable sort of the scores gives (NaN ranking above +inf), found by selection rather than by sorting
+(tests/test_patterns.py holds the sorting references; bench/select.py times both).
 Shapes follow ``nn.Linear.weight``: (out_features, in_features); N:M groups run along the input columns.
 """
 from __future__ import annotations
@@ -117,17 +119,16 @@ def n_of_m(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 def _ranked_in_groups(groups: torch.Tensor, n: int) -> torch.Tensor:
     """(rows, G, m) keep-mask: an entry is kept when fewer than ``n`` of its group outrank it (a higher score, or
-    an equal one in an earlier column). m(m-1) comparisons of (rows, G) slices: for small m, cheaper than sorting
-    m-long groups. No NaN (the comparisons would not rank it)."""
+    an equal one in an earlier column). One comparison per pair of columns i < j: without NaN, j outranks i
+    exactly when it is higher, and i outranks j otherwise. For small m, cheaper than sorting m-long groups."""
     members = groups.unbind(-1)
-    keep = []
-    for i, score in enumerate(members):
-        outranked = torch.zeros_like(score, dtype=torch.uint8)
-        for j, other in enumerate(members):
-            if j != i:
-                outranked += other >= score if j < i else other > score
-        keep.append(outranked < n)
-    return torch.stack(keep, -1)
+    outranked = [torch.zeros_like(members[0], dtype=torch.uint8) for _ in members]
+    for i, earlier in enumerate(members):
+        for j in range(i + 1, len(members)):
+            later_wins = members[j] > earlier
+            outranked[i] += later_wins
+            outranked[j] += later_wins.logical_not_()
+    return torch.stack([count < n for count in outranked], -1)
 
 
 def check_divisible(cols: int, m: int) -> None:
