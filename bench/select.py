@@ -124,7 +124,7 @@ def alps_one_layer(repeats: int, iterations: int = 30) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed old/new pairs per case (the large shape: a third)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed old/new pairs per case (large shape: a third)")
     parser.add_argument("--no-large", action="store_true", help="skip 4096x11008 (the old sort takes seconds)")
     parser.add_argument("--no-alps", action="store_true", help="skip the end-to-end ALPS timing")
     args = parser.parse_args()
