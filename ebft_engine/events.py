@@ -49,7 +49,10 @@ class BlockStarted:
 
 @dataclass(frozen=True)
 class StepLoss:
-    """One optimiser step of EBFT on a block: the training batch's reconstruction MSE."""
+    """One optimiser step of EBFT on a block: the training batch's reconstruction MSE.
+
+    ``mask_change``: for a recovery that learns the masks (``ebft-mask``), the fraction of the block's masked
+    weights whose keep/prune state this step flipped (0 once the masks have settled); None otherwise."""
 
     label: str
     block: int
@@ -57,6 +60,7 @@ class StepLoss:
     total_steps: int
     loss: float
     lr: float
+    mask_change: float | None = None
     kind: str = "step_loss"
 
 

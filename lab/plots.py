@@ -37,8 +37,21 @@ def loss_curves(view: RunView) -> go.Figure:
         fig.add_trace(go.Scatter(x=[0] * len(blocks), y=[view.initial[b] for b in blocks], mode="markers",
                                  name="loss before EBFT", marker=dict(symbol="diamond", size=8, color="#1c7ed6"),
                                  text=[f"block {b}" for b in blocks]))
-    return _layout(fig, "Reconstruction loss while EBFT trains", "step within block", "MSE vs dense block",
-                   log_y=True)
+    fig = _layout(fig, "Reconstruction loss while EBFT trains", "step within block", "MSE vs dense block",
+                  log_y=True)
+    if current is not None and current in view.mask_changes:
+        _mask_change_trace(fig, view, current)
+    return fig
+
+
+def _mask_change_trace(fig: go.Figure, view: RunView, block: int) -> None:
+    """Learned masks (ebft-mask): the share of the block's mask each step changed, on a right-hand axis."""
+    steps = view.mask_changes[block]
+    fig.add_trace(go.Scatter(x=[s for s, _ in steps], y=[100 * c for _, c in steps], mode="lines+markers",
+                             name=f"mask changed, block {block} (% per step)", yaxis="y2",
+                             line=dict(color="#2f9e44", dash="dot", width=2), marker=dict(size=5)))
+    fig.update_layout(yaxis2=dict(title="mask changed (% of weights)", overlaying="y", side="right",
+                                  rangemode="tozero", showgrid=False), margin=dict(r=70))
 
 
 def _block_curve(view: RunView, block: int, live: bool, color: str | None = None) -> go.Scatter:

@@ -26,6 +26,8 @@ class RunView:
     total_blocks: int = 0
     train_label: str = ""  # the label whose steps are being plotted (ebft)
     steps: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # block -> [(step, loss)]
+    # learned masks (ebft-mask): block -> [(step, fraction of the block's masked weights flipped by the step)]
+    mask_changes: dict[int, list[tuple[int, float]]] = field(default_factory=dict)
     model_steps: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # lora: [(step, LM loss)]
     zeroshot: dict[str, dict[str, dict]] = field(default_factory=dict)  # label -> task -> {acc, acc_norm}
     initial: dict[int, float] = field(default_factory=dict)
@@ -66,9 +68,13 @@ class RunView:
             return
         if event.label != self.train_label:
             self.train_label, self.steps, self.initial, self.final = event.label, {}, {}, {}
+            self.mask_changes = {}
         if event.step == 1:  # a block trained again (a resumed run redoes the block it stopped in)
             self.steps[event.block] = []
+            self.mask_changes.pop(event.block, None)
         self.steps.setdefault(event.block, []).append((event.step, event.loss))
+        if event.mask_change is not None:
+            self.mask_changes.setdefault(event.block, []).append((event.step, event.mask_change))
 
     def _block_finished(self, event: BlockFinished) -> None:
         self.block_seconds.append(event.seconds)

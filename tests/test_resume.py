@@ -291,3 +291,18 @@ def test_resume_refuses_the_same_shapes_with_new_weights_and_takes_a_copy_of_the
     events = list(resume(run_dir))
     assert events[-1].status == "finished", [e.text for e in events if e.kind == "notice"]
     assert any("blocks 0-1 restored" in e.text for e in events if e.kind == "notice")
+
+
+def test_learned_masks_resume_after_a_kill_mid_block_to_the_same_result(four_block_config, tmp_path):
+    """ebft-mask killed inside block 2's training redoes that block from its prior and learns the same masks."""
+    config = four_block_config.with_overrides({"baselines": "wanda", "recoveries": "ebft-mask"})
+    reference = list(run(config.with_overrides({"runs_dir": str(tmp_path / "reference")})))[-1].summary
+    run_dir = _kill_at(config, tmp_path, "step_loss", "ebft-mask", "2", "3")
+    events = list(resume(run_dir))
+    summary = events[-1].summary
+    assert summary["status"] == "finished"
+    assert {e.block for e in events if e.kind == "step_loss"} == {2, 3}
+    assert summary["mask_sha256"] == reference["mask_sha256"]
+    assert summary["mask_sha256"]["ebft-mask"] != summary["mask_sha256"]["wanda"]  # the masks were learned
+    for label, ppl in reference["ppl"].items():
+        assert summary["ppl"][label] == pytest.approx(ppl, rel=1e-3), label

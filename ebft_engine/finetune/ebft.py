@@ -58,16 +58,19 @@ def batch_mse(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targets: 
 
 def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targets: torch.Tensor,
                    masks: dict[nn.Parameter, torch.Tensor], cfg: EbftConfig, precision: Precision, *,
-                   label: str, index: int, seed: int,
-                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[StepLoss]:
+                   label: str, index: int, seed: int, cancelled: Callable[[], bool] = lambda: False,
+                   after_step: Callable[[int, int], float | None] | None = None) -> Iterator[StepLoss]:
     """Train ``block`` in place; yields a StepLoss per optimiser step and returns a TrainResult.
 
     Args:
         block: the pruned block, float32, on ``precision.device``.
         call: runs the block on a (batch, seq, hidden) tensor.
         inputs / targets: (nsamples, seq, hidden) sparse-model inputs and dense-block outputs.
-        masks: parameter -> bool keep-mask, for the pruned weights.
+        masks: parameter -> bool keep-mask, for the pruned weights: their gradients are zeroed at every step and
+            the weights multiplied by it at the end. Read at every step, so a mask learner may fill it late.
         seed: seeds the shuffling, so a block trains the same way every time.
+        after_step: called after each optimiser step with (step, total steps); what it returns is the step's
+            ``StepLoss.mask_change`` (a mask learner updates the masks here: finetune/masks.py).
     """
     params = [p for p in block.parameters()]
     for p in params:
@@ -102,8 +105,9 @@ def finetune_block(block: nn.Module, call: BlockCall, inputs: torch.Tensor, targ
                 optimizer_step(loss, params, masks, optimizer, scaler, cfg.max_grad_norm)
                 schedule.step()
                 step += 1
+                change = after_step(step, total_steps) if after_step is not None else None
                 yield StepLoss(label=label, block=index, step=step, total_steps=total_steps,
-                               loss=float(loss.detach()), lr=lr)
+                               loss=float(loss.detach()), lr=lr, mask_change=change)
             if rolled_back:
                 break
     finally:
@@ -198,7 +202,8 @@ def _adamw(params: list[nn.Parameter], cfg: EbftConfig, device: torch.device) ->
 def optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], masks: dict[nn.Parameter, torch.Tensor],
                    optimizer: torch.optim.Optimizer, scaler, max_grad_norm: float) -> None:
     """One optimiser step on ``loss``: backward (scaled and unscaled again under fp16), the pruned weights'
-    gradients zeroed by ``masks``, gradients clipped to ``max_grad_norm``, the step, gradients cleared."""
+    gradients zeroed by ``masks``, gradients clipped to ``max_grad_norm``, the step, gradients cleared, and the
+    pruned weights multiplied by ``masks`` (exactly zero after every step)."""
     if scaler is not None:
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -214,3 +219,6 @@ def optimizer_step(loss: torch.Tensor, params: list[nn.Parameter], masks: dict[n
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # a weight the mask dropped mid-training (ebft-mask) still has Adam momentum: zero it
+        for p, mask in masks.items():
+            p.mul_(mask)

@@ -138,3 +138,17 @@ def test_history_lists_runs_started_within_one_second_newest_first_and_offers_th
     monkeypatch.setenv("EBFT_RUNS_DIR", str(tmp_path))
     _table, _chosen, offered = refresh_history()
     assert offered["value"] == "20261129-120000-0fffff"
+
+
+def test_learned_masks_show_their_changes_beside_the_loss():
+    ev = [RunStarted(run_id="r1", run_dir="/tmp/r1", config={}), PhaseStarted("ebft", "ebft-mask"),
+          BlockStarted("ebft-mask", 0, 2)]
+    ev += [StepLoss("ebft-mask", 0, s, 4, 1.0 / s, 1e-3, mask_change=c) for s, c in ((1, 0.02), (2, 0.01), (3, 0.0))]
+    view = fold(ev)
+    assert view.mask_changes == {0: [(1, 0.02), (2, 0.01), (3, 0.0)]}
+    fig = plots.loss_curves(view)
+    (changes,) = [t for t in fig.data if t.yaxis == "y2"]
+    assert list(changes.y) == [2.0, 1.0, 0.0] and "mask changed" in changes.name
+    assert fig.layout.yaxis2.overlaying == "y"
+    # fixed-mask EBFT draws no such axis
+    assert not [t for t in plots.loss_curves(fold(_events(finished=False))).data if t.yaxis == "y2"]

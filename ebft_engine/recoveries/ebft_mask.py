@@ -1,0 +1,84 @@
+"""Learned masks (``ebft-mask``, ``ebft-mask-gp``; docs/methods/ebft-mask.md): EBFT that also chooses which
+weights to keep. Each block trains towards the same target as ``ebft`` (or ``ebft-gp``), starting from the pruner's
+mask as a prior; the mask follows the trained weights' saliency under the pruner's exact pattern (N:M, or the same
+count per row or per layer) and freezes before the block ends (finetune/masks.py)."""
+from __future__ import annotations
+
+from typing import Generator
+
+import torch
+from torch import nn
+
+from ..events import Event, Notice
+from ..finetune import finetune_block
+from ..finetune.masks import MaskLearner
+from ..loop import BlockMasks, BlockRun
+from ..registry import RecoveryEntry, add_recovery
+from ..sparsity import StatsCollector
+from .ebft import Ebft, EbftGlobal
+
+
+class EbftMask(Ebft):
+    """EBFT whose masks are learned with the weights, the dense block's outputs on the sparse inputs as target."""
+
+    name = "ebft-mask"
+
+    def targets(self, run: BlockRun, block: nn.Module, stream: torch.Tensor | None,
+                stats: StatsCollector) -> torch.Tensor | None:
+        """The target of the parent recovery; the same pass also measures the input column norms the mask's
+        saliency reads (from the dense block, on the calibration sequences the pruner's statistics use)."""
+        stats.needs = stats.needs | {"input_norms"}
+        # the weights before pruning: where a pruned weight starts from if it is learned back (float32 on the
+        # device, one copy of the block's projections, freed when the block is done)
+        self.dense_weights = {name: linear.weight.detach().to(torch.float32, copy=True) for name, linear in run.adapter.linears(block).items()}
+        targets = super().targets(run, block, stream, stats)
+        self.saliency = {name: stats.sq_norms[group[0]].sqrt() for group in run.adapter.input_groups
+                         for name in group if group[0] in stats.sq_norms}
+        return targets
+
+    def _train(self, run: BlockRun, block: nn.Module, index: int, stream: torch.Tensor, targets: torch.Tensor,
+               masks: BlockMasks):
+        run.stage = "train"
+        block.float()
+        learner = MaskLearner.for_block(run.adapter.linears(block), masks.masks, self.saliency, run.config.prune.nm,
+                                        dense=self.dense_weights)
+        self.dense_weights = None
+        result = yield from finetune_block(block, run.call, stream, targets, learner.grad_masks, run.config.ebft,
+                                           run.precision, label=self.name, index=index,
+                                           seed=run.config.seed * 100_003 + index, cancelled=run.cancelled,
+                                           after_step=learner.after_step)
+        rolled_back = result.rolled_back
+        learned = learner.finish(rolled_back)
+        if rolled_back:  # the trainer restored the pruned weights; its late masks must not touch them
+            result.restore_pruned(block)
+        self._adopt(masks, learned, run.adapter.linears(block))
+        block.to(run.precision.storage)
+        run.stage = "block"
+        if rolled_back:
+            yield Notice("warning", f"block {index}: the reconstruction loss became non-finite; the block was "
+                                    "restored to its pruned weights and masks, and the run goes on")
+        else:
+            yield Notice("info", f"block {index}: {self.name} changed {learner.mask_change():.2%} of the mask")
+        return result
+
+    @staticmethod
+    def _adopt(masks: BlockMasks, learned: dict[nn.Parameter, torch.Tensor], linears: dict[str, nn.Linear]) -> None:
+        """The learned masks become the block's; a position in a dead input column counts as kept-yet-zero
+        only while the learned mask still keeps it."""
+        masks.masks.update(learned)
+        for name, positions in masks.dead.items():
+            mask = learned.get(linears[name].weight)
+            if mask is not None:
+                masks.dead[name] = positions & mask
+
+
+class EbftMaskGlobal(EbftMask, EbftGlobal):
+    """Learned masks with global propagation: the dense model's own stream is the target."""
+
+    name = "ebft-mask-gp"
+
+
+add_recovery(RecoveryEntry("ebft-mask", "EBFT that learns the masks with the weights (straight-through, the pruner's "
+                                        "mask as prior and pattern)", EbftMask, rank=2))
+add_recovery(RecoveryEntry("ebft-mask-gp", "learned masks with global propagation (the dense model's stream as "
+                                           "the target)", EbftMaskGlobal, rank=3))
