@@ -268,8 +268,12 @@ class RunConfig:
         check_int("seed", self.seed, 0, "use a non-negative integer seed")
         for name in ("runs_dir", "save_model", "json_out"):
             check_path(name, getattr(self, name))
-        trains = any(registry.recovery_entry(r).build().trains for r in self.recoveries)  # ebft, ebft-gp
-        check_sections(self.calib, self.eval, self.ebft, trains_blocks=trains)
+        recoveries = [registry.recovery_entry(r).build() for r in self.recoveries]
+        check_sections(self.calib, self.eval, self.ebft, trains_blocks=any(r.trains for r in recoveries))
+        learning = [name for name, r in zip(self.recoveries, recoveries) if getattr(r, "learns_masks", False)]
+        if learning and self.prune.structured:
+            raise ConfigError("recoveries", f"{learning[0]} learns masks, and structured pruning leaves none (its "
+                              "matrices shrink)", "use ebft or ebft-gp after llm-pruner")
 
     # ---- (de)serialisation -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

@@ -4,11 +4,9 @@ config before any weight is loaded; and where the calibration activations live (
 What is counted (bytes; P = model parameters, Pb = one block's, L = blocks, N = calibration tokens, h/f = hidden
 and MLP widths, kv = key/value width, T = tokens of one training batch):
 
-- the model itself, P x storage bytes, on the host (one block at a time visits the device);
-- the dense copy of the block weights kept to restore between variants, for models up to 1B (larger ones
-  restore from their own memory-mapped safetensors files, models.FileBackedBlocks);
-- calibration activations, N x h x storage bytes each: the inputs, the dense targets (EBFT) and the outputs
-  being propagated, three at once in an EBFT block;
+- the model, P x storage bytes, on the host (a block at a time visits the device); the dense block copy kept
+  to restore between variants, up to 1B (larger ones re-read their memory-mapped files, FileBackedBlocks);
+- calibration activations, N x h x storage bytes each: inputs, dense targets (EBFT), outputs: three at once;
 - EBFT training state for one block: float32 weights, gradients and two AdamW moments (16 bytes per weight),
   a bool mask (1), the bf16 copies autocast makes of the weights (2), plus what autograd keeps for backward:
   30h + 8f + 4kv bytes per token under bf16 autocast (measured exactly by summing saved tensors of a LLaMA
@@ -18,13 +16,12 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
 - structured pruning's importance pass (LLM-Pruner): the whole model on the device and one backward pass over
   taylor_samples x taylor_seqlen tokens with activation checkpointing, each weight's gradient reduced to its
   groups' sums as soon as it exists;
-- evaluation: one block, the LM head and a 256-token slice of logits on the device; all windows' hidden
-  states on the host;
+- evaluation: one block, the LM head and a 256-token slice of logits on the device; all hidden states on the host;
 - on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a GGUF
   model loads, one transient copy of its weights (the dequantised tensors). A safetensors checkpoint is
-  memory-mapped: its pages are reclaimable page cache, not a second copy, so nothing is added for it.
-
-The planner is checked against measurement by ``bench/memory.py``.
+  memory-mapped: its pages are reclaimable page cache, not a second copy, so nothing is added for it;
+- learned masks (ebft-mask): the block's dense float32 copy, float32 latent weights and a second mask.
+``bench/memory.py`` checks the planner against measurement.
 """
 from __future__ import annotations
 
@@ -261,6 +258,9 @@ def _ebft_terms(r: _Run) -> tuple[int, int, int, int]:
     state = pb * (16 + 1 + (2 if r.p.compute is not None else 0))
     hessian = r.hessian_bytes[r.cfg.prune.method]
     pruning = pb * r.sb + pb + hessian + r.inference(INFER_BATCH * r.cfg.calib.seqlen)
+    if any(name.startswith("ebft-mask") for name in r.cfg.recoveries):  # learned masks (finetune/masks.py):
+        pruning += pb * 4  # the dense float32 copy; then float32 latents, a second mask, one layer's rank buffers
+        state += pb * (4 + 1) + r.s.hidden * r.s.intermediate * 28
     return state, autograd, state + autograd, pruning
 
 

@@ -195,3 +195,10 @@ def test_ebft_mask_runs_through_the_engine(tiny_run_config):
     for label in ("ebft-mask", "ebft-mask-gp"):
         assert summary["actual_sparsity"][label] == pytest.approx(0.5)
     assert len(set(summary["mask_sha256"].values())) >= 2  # the learned masks are not the pruner's
+
+
+def test_learned_masks_refuse_structured_pruning(tiny_run_config):
+    from ebft_engine import ConfigError
+
+    with pytest.raises(ConfigError, match="recoveries: ebft-mask-gp learns masks.*use ebft or ebft-gp"):
+        tiny_run_config.with_overrides({"prune": {"method": "llm-pruner"}, "recoveries": "ebft,ebft-mask-gp"})

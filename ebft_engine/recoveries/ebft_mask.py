@@ -21,7 +21,7 @@ from .ebft import Ebft, EbftGlobal
 class EbftMask(Ebft):
     """EBFT whose masks are learned with the weights, the dense block's outputs on the sparse inputs as target."""
 
-    name = "ebft-mask"
+    name, learns_masks = "ebft-mask", True
 
     def targets(self, run: BlockRun, block: nn.Module, stream: torch.Tensor | None,
                 stats: StatsCollector) -> torch.Tensor | None:
