@@ -79,6 +79,6 @@ class EbftMaskGlobal(EbftMask, EbftGlobal):
 
 
 add_recovery(RecoveryEntry("ebft-mask", "EBFT that learns the masks with the weights (straight-through, the pruner's "
-                                        "mask as prior and pattern)", EbftMask, rank=2))
+                                        "mask as prior and pattern)", EbftMask, rank=3))
 add_recovery(RecoveryEntry("ebft-mask-gp", "learned masks with global propagation (the dense model's stream as "
-                                           "the target)", EbftMaskGlobal, rank=3))
+                                           "the target)", EbftMaskGlobal, rank=4))
