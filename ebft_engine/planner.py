@@ -259,8 +259,8 @@ def _ebft_terms(r: _Run) -> tuple[int, int, int, int]:
     hessian = r.hessian_bytes[r.cfg.prune.method]
     pruning = pb * r.sb + pb + hessian + r.inference(INFER_BATCH * r.cfg.calib.seqlen)
     if any(name.startswith("ebft-mask") for name in r.cfg.recoveries):  # learned masks (finetune/masks.py):
-        pruning += pb * 4  # the dense float32 copy; then float32 latents, a second mask, one layer's rank buffers
-        state += pb * (4 + 1) + r.s.hidden * r.s.intermediate * 28
+        pruning += pb * 4  # the dense float32 copy; then float32 latents, a second mask, one layer's selection buffers
+        state += pb * (4 + 1) + r.s.hidden * r.s.intermediate * 20
     return state, autograd, state + autograd, pruning
 
 

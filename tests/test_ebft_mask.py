@@ -202,3 +202,14 @@ def test_learned_masks_refuse_structured_pruning(tiny_run_config):
 
     with pytest.raises(ConfigError, match="recoveries: ebft-mask-gp learns masks.*use ebft or ebft-gp"):
         tiny_run_config.with_overrides({"prune": {"method": "llm-pruner"}, "recoveries": "ebft,ebft-mask-gp"})
+
+
+def test_limited_swaps_take_the_best_entering_and_the_weakest_leaving_weights():
+    mask = torch.tensor([[True, True, False, False, False, False]])
+    scores = torch.tensor([[0.1, 0.5, 0.9, 0.8, 0.7, 0.2]])
+    new = project(scores, mask, None, True)  # the full projection swaps both kept weights
+    assert new.tolist() == [[False, False, True, True, False, False]]
+    one = limit_swaps(mask, new, scores, 0.5, None, True)  # a budget of one swap: 0.9 in, 0.1 out
+    assert one.tolist() == [[False, True, True, False, False, False]]
+    layer = limit_swaps(mask, new, scores, 0.5, None, False)  # the same, counted over the layer
+    assert layer.tolist() == one.tolist()

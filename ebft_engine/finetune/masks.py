@@ -113,11 +113,16 @@ def limit_swaps(mask: torch.Tensor, new: torch.Tensor, scores: torch.Tensor, sha
         return torch.where(keep_new, new, mask)
     enter, leave = new & ~mask, mask & ~new
     if per_row:
-        budget = int(share * int(mask[0].sum()))
-        take = torch.minimum(enter.sum(1), torch.tensor(budget, device=mask.device))  # (out,) swaps per row
-        rank_in = _rank(torch.where(enter, -scores, torch.inf), dim=1)  # 0 = the best entering weight of its row
-        rank_out = _rank(torch.where(leave, scores, torch.inf), dim=1)  # 0 = the weakest leaving weight
-        return (mask & ~(leave & (rank_out < take[:, None]))) | (enter & (rank_in < take[:, None]))
+        budget = min(int(share * int(mask[0].sum())), mask.shape[1])
+        if budget == 0:
+            return mask.clone()
+        take = torch.clamp(enter.sum(1, keepdim=True), max=budget)  # (out, 1) swaps in each row
+        chosen = torch.arange(budget, device=mask.device) < take  # (out, budget): the first `take` of each row
+        best_in = torch.topk(torch.where(enter, scores, -torch.inf), budget, dim=1).indices
+        worst_out = torch.topk(torch.where(leave, scores, torch.inf), budget, dim=1, largest=False).indices
+        added = torch.zeros_like(mask).scatter_(1, best_in, chosen)
+        removed = torch.zeros_like(mask).scatter_(1, worst_out, chosen)
+        return (mask & ~removed) | added
     budget = min(int(share * int(mask.sum())), int(enter.sum()))
     flat_in = torch.where(enter, scores, -torch.inf).flatten()
     flat_out = torch.where(leave, scores, torch.inf).flatten()
@@ -126,13 +131,6 @@ def limit_swaps(mask: torch.Tensor, new: torch.Tensor, scores: torch.Tensor, sha
         out[torch.topk(flat_in, budget).indices] = True
         out[torch.topk(flat_out, budget, largest=False).indices] = False
     return out.view_as(mask)
-
-
-def _rank(values: torch.Tensor, dim: int) -> torch.Tensor:
-    """Each entry's position when its row is sorted ascending (0 = smallest)."""
-    order = torch.argsort(values, dim=dim, stable=True)
-    return torch.empty_like(order).scatter_(dim, order, torch.arange(values.shape[dim], device=values.device)
-                                            .expand_as(order).contiguous())
 
 
 class MaskLearner:

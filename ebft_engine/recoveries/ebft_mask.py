@@ -78,7 +78,7 @@ class EbftMaskGlobal(EbftMask, EbftGlobal):
     name = "ebft-mask-gp"
 
 
-add_recovery(RecoveryEntry("ebft-mask", "EBFT that learns the masks with the weights (straight-through, the pruner's "
-                                        "mask as prior and pattern)", EbftMask, rank=2))
+add_recovery(RecoveryEntry("ebft-mask", "EBFT that also learns which weights to keep (prune and regrow inside the "
+                                        "pruner's pattern, from its mask)", EbftMask, rank=3))
 add_recovery(RecoveryEntry("ebft-mask-gp", "learned masks with global propagation (the dense model's stream as "
-                                           "the target)", EbftMaskGlobal, rank=3))
+                                           "the target)", EbftMaskGlobal, rank=4))
