@@ -51,7 +51,8 @@ def _mask_change_trace(fig: go.Figure, view: RunView, block: int) -> None:
                              name=f"mask changed, block {block} (% per step)", yaxis="y2",
                              line=dict(color="#2f9e44", dash="dot", width=2), marker=dict(size=5)))
     fig.update_layout(yaxis2=dict(title="mask changed (% of weights)", overlaying="y", side="right",
-                                  rangemode="tozero", showgrid=False), margin=dict(r=70))
+                                  rangemode="tozero", showgrid=False),
+                      legend=dict(x=1.12, xanchor="left"), margin=dict(r=70))  # the legend clear of that axis
 
 
 def _block_curve(view: RunView, block: int, live: bool, color: str | None = None) -> go.Scatter:

@@ -213,3 +213,19 @@ def test_limited_swaps_take_the_best_entering_and_the_weakest_leaving_weights():
     assert one.tolist() == [[False, True, True, False, False, False]]
     layer = limit_swaps(mask, new, scores, 0.5, None, False)  # the same, counted over the layer
     assert layer.tolist() == one.tolist()
+
+
+def test_a_block_that_keeps_its_pruned_weights_reports_no_mask_change(tmp_path):
+    """When learning raises a block's loss, the block keeps the pruner's weights and masks, and the notice about
+    the mask says 0% (the tiny preset from SparseGPT's masks with 4 epochs: blocks fall back)."""
+    from ebft_engine import RunConfig
+
+    config = RunConfig.from_yaml("assets/presets/tiny-random.yaml").with_overrides({
+        "prune": {"method": "sparsegpt"}, "recoveries": "ebft-mask", "baselines": [], "ebft": {"epochs": 4},
+        "runs_dir": str(tmp_path)})
+    notices = [e.text for e in run(config) if e.kind == "notice"]
+    fell_back = [n for n in notices if "raised the reconstruction loss" in n]
+    assert fell_back, "no block fell back: the test no longer exercises the roll-back"
+    for text in fell_back:
+        block = text.split(":")[0]
+        assert f"{block}: ebft-mask changed 0.00% of the mask" in " ".join(notices)

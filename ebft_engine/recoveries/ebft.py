@@ -46,10 +46,14 @@ class Ebft(PruneOnly):
         outputs, final = forward(run, block, stream, targets=targets)
         if trains and final > initial:
             result.restore_pruned(block)
+            self.restored(masks)
             yield Notice("warning", f"block {index}: EBFT raised the reconstruction loss ({initial:.4g} -> "
                                     f"{final:.4g}); kept the pruned weights. A lower learning rate may help")
             outputs, final = forward(run, block, stream, targets=targets)
         return outputs, initial, (final if trains else None)
+
+    def restored(self, masks: BlockMasks) -> None:
+        """The block went back to its pruned weights (training raised its loss): ``masks`` must say so."""
 
     def _train(self, run: BlockRun, block: nn.Module, index: int, stream: torch.Tensor, targets: torch.Tensor,
                masks: BlockMasks):

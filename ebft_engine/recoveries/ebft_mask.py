@@ -51,15 +51,33 @@ class EbftMask(Ebft):
         learned = learner.finish(rolled_back)
         if rolled_back:  # the trainer restored the pruned weights; its late masks must not touch them
             result.restore_pruned(block)
+        self._prior = (dict(masks.masks), dict(masks.dead))  # for restored()
         self._adopt(masks, learned, run.adapter.linears(block))
+        self.changed = 0.0 if rolled_back else learner.mask_change()
         block.to(run.precision.storage)
         run.stage = "block"
         if rolled_back:
             yield Notice("warning", f"block {index}: the reconstruction loss became non-finite; the block was "
                                     "restored to its pruned weights and masks, and the run goes on")
-        else:
-            yield Notice("info", f"block {index}: {self.name} changed {learner.mask_change():.2%} of the mask")
         return result
+
+    def recover(self, run: BlockRun, block: nn.Module, index: int, stream: torch.Tensor | None,
+                targets: torch.Tensor | None, masks: BlockMasks,
+                trains: bool) -> Generator[Event, None, tuple[torch.Tensor | None, float | None, float | None]]:
+        """EBFT's recover; then how much of the block's mask the training changed, as the block ends."""
+        self.changed = None
+        outcome = yield from super().recover(run, block, index, stream, targets, masks, trains)
+        if self.changed is not None:
+            yield Notice("info", f"block {index}: {self.name} changed {self.changed:.2%} of the mask (weights that "
+                                 "entered or left, of all masked weights)")
+        return outcome
+
+    def restored(self, masks: BlockMasks) -> None:
+        """Training raised the block's loss and its pruned weights are back: so are the pruner's masks."""
+        prior, dead = self._prior
+        masks.masks.update(prior)
+        masks.dead.update(dead)
+        self.changed = 0.0
 
     @staticmethod
     def _adopt(masks: BlockMasks, learned: dict[nn.Parameter, torch.Tensor], linears: dict[str, nn.Linear]) -> None:

@@ -64,7 +64,8 @@ def create_prune_panel(v: ControlValues) -> dict[str, Component]:
             "recoveries": gr.CheckboxGroup([e.name for e in registry.recovery_entries()], value=v["recoveries"],
                                            label="Recoveries",
                                            info="ebft: target the dense block on the sparse inputs (the paper); "
-                                                "ebft-gp: the dense model's own stream"),
+                                                "ebft-gp: the dense model's own stream; ebft-mask(-gp): also learn "
+                                                "which weights to keep"),
         }
         for entry in registry.pruning_entries():  # each method's own settings, one row per method
             fields = dataclasses.fields(entry.options) if entry.options else ()
