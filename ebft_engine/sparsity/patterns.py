@@ -2,7 +2,7 @@
 
 ``True`` means the weight is kept. Ties are broken by position, so masks are deterministic: every mask is the
 one a stable sort of the scores gives (NaN ranking above +inf), found by selection rather than by sorting
-(tests/test_patterns.py holds the sorting references; bench/select.py times both).
+(tests/test_patterns.py holds the sorting references; bench/selection_speed.py times both).
 Shapes follow ``nn.Linear.weight``: (out_features, in_features); N:M groups run along the input columns.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Keep-mask selection (ebft_engine/sparsity/patterns.py) against the stable argsorts it replaced, on ALPS-sized
 float32 score matrices, and ALPS end to end on one layer with either projection.
 
-    python bench/select.py [--threads N] [--repeats N] [--no-large] [--no-alps]
+    python bench/selection_speed.py [--threads N] [--repeats N] [--no-large] [--no-alps]
 
 For each shape (SmolLM2-135M's MLP 576x1536 and 1536x576, LLaMA-7B's 4096x11008 unless --no-large): per layer
 (magnitude, ALPS's projection), per row (Wanda) and 2:4, the old and the new are first checked to give the same
@@ -15,9 +15,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# This file's name shadows the standard library's ``select`` (which torch imports through subprocess) while its
-# folder leads sys.path: take the folder off before anything else is imported.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
