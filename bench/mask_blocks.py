@@ -53,10 +53,10 @@ def main() -> None:
     preset = RunConfig.from_yaml("assets/presets/smollm2-demo.yaml")
     model, tokenizer = load_model(resolve_source("smollm2-135m"), torch.float32)
     adapter = adapter_for(model)
-    kwargs = adapter.block_kwargs(ids.shape[1], CPU, torch.float32)
-    call = lambda b, x: adapter.call_block(b, x, kwargs)  # noqa: E731
     precision = Precision(CPU, torch.float32, torch.bfloat16)
     ids = self_generated(model, tokenizer, preset.calib.nsamples, preset.calib.seqlen, preset.seed, precision)
+    kwargs = adapter.block_kwargs(ids.shape[1], CPU, torch.float32)
+    call = lambda b, x: adapter.call_block(b, x, kwargs)  # noqa: E731
     cfg = EbftConfig(epochs=args.epochs, lr=preset.ebft.lr, batch_size=preset.ebft.batch_size, weight_decay=0.1)
     ratios, time_ratios = [], []
     with torch.no_grad():
