@@ -174,8 +174,8 @@ class MaskLearner:
         if self.frozen:
             return 0.0
         settle_step = math.ceil(self.settle * total_steps)
-        if step >= settle_step:
-            self.freeze()
+        if step >= settle_step:  # the masks are fixed: the rest of the block is fixed-mask EBFT
+            self.frozen = True
             return 0.0
         share = None if self.swap is None else self.swap * 0.5 * (1 + math.cos(math.pi * step / settle_step))
         flipped = 0
@@ -198,10 +198,6 @@ class MaskLearner:
         weight[leave] = 0
         layer.mask.copy_(new)  # in place: the trainer's grad_masks see it
         return int(enter.sum() + leave.sum())
-
-    def freeze(self) -> None:
-        """Fix the masks: the rest of the block is fixed-mask EBFT."""
-        self.frozen = True
 
     def finish(self, rolled_back: bool) -> dict[nn.Parameter, torch.Tensor]:
         """End of the block: parameter -> final keep-mask; the prior when training rolled back (the caller
