@@ -57,16 +57,23 @@ class Ebft(PruneOnly):
 
     def _train(self, run: BlockRun, block: nn.Module, index: int, stream: torch.Tensor, targets: torch.Tensor,
                masks: BlockMasks):
-        run.stage = "train"
-        block.float()
-        result = yield from finetune_block(block, run.call, stream, targets, masks.masks, run.config.ebft,
-                                           run.precision, label=self.name, index=index,
-                                           seed=run.config.seed * 100_003 + index, cancelled=run.cancelled)
-        block.to(run.precision.storage)
-        run.stage = "block"
+        result = yield from self._finetune(run, block, index, stream, targets, masks.masks)
         if result.rolled_back:
             yield Notice("warning", f"block {index}: the reconstruction loss became non-finite; the block was "
                                     "restored to its pruned weights and the run goes on")
+        return result
+
+    def _finetune(self, run: BlockRun, block: nn.Module, index: int, stream: torch.Tensor, targets: torch.Tensor,
+                  trainer_masks: dict, after_step=None):
+        """``finetune_block`` on the block in float32 (back to its storage dtype after), seeded per block."""
+        run.stage = "train"
+        block.float()
+        result = yield from finetune_block(block, run.call, stream, targets, trainer_masks, run.config.ebft,
+                                           run.precision, label=self.name, index=index,
+                                           seed=run.config.seed * 100_003 + index, cancelled=run.cancelled,
+                                           after_step=after_step)
+        block.to(run.precision.storage)
+        run.stage = "block"
         return result
 
 

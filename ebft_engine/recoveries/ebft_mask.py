@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..events import Event, Notice
-from ..finetune import finetune_block
 from ..finetune.masks import MaskLearner
 from ..loop import BlockMasks, BlockRun
 from ..registry import RecoveryEntry, add_recovery
@@ -30,7 +29,8 @@ class EbftMask(Ebft):
         stats.needs = stats.needs | {"input_norms"}
         # the weights before pruning: where a pruned weight starts from if it is learned back (float32 on the
         # device, one copy of the block's projections, freed when the block is done)
-        self.dense_weights = {name: linear.weight.detach().to(torch.float32, copy=True) for name, linear in run.adapter.linears(block).items()}
+        self.dense_weights = {name: linear.weight.detach().to(torch.float32, copy=True)
+                              for name, linear in run.adapter.linears(block).items()}
         targets = super().targets(run, block, stream, stats)
         self.saliency = {name: stats.sq_norms[group[0]].sqrt() for group in run.adapter.input_groups
                          for name in group if group[0] in stats.sq_norms}
@@ -38,15 +38,11 @@ class EbftMask(Ebft):
 
     def _train(self, run: BlockRun, block: nn.Module, index: int, stream: torch.Tensor, targets: torch.Tensor,
                masks: BlockMasks):
-        run.stage = "train"
-        block.float()
         learner = MaskLearner.for_block(run.adapter.linears(block), masks.masks, self.saliency, run.config.prune.nm,
                                         dense=self.dense_weights)
         self.dense_weights = None
-        result = yield from finetune_block(block, run.call, stream, targets, learner.grad_masks, run.config.ebft,
-                                           run.precision, label=self.name, index=index,
-                                           seed=run.config.seed * 100_003 + index, cancelled=run.cancelled,
-                                           after_step=learner.after_step)
+        result = yield from self._finetune(run, block, index, stream, targets, learner.grad_masks,
+                                           learner.after_step)
         rolled_back = result.rolled_back
         learned = learner.finish(rolled_back)
         if rolled_back:  # the trainer restored the pruned weights; its late masks must not touch them
@@ -54,8 +50,6 @@ class EbftMask(Ebft):
         self._prior = (dict(masks.masks), dict(masks.dead))  # for restored()
         self._adopt(masks, learned, run.adapter.linears(block))
         self.changed = 0.0 if rolled_back else learner.mask_change()
-        block.to(run.precision.storage)
-        run.stage = "block"
         if rolled_back:
             yield Notice("warning", f"block {index}: the reconstruction loss became non-finite; the block was "
                                     "restored to its pruned weights and masks, and the run goes on")
