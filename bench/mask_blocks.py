@@ -3,7 +3,7 @@ stream over the cached self-calibration set), Wanda's masks, EBFT with the demo 
 lr 3e-3, batch 8), and the block's final reconstruction MSE on its calibration data for fixed-mask EBFT and for
 ebft-mask's schedule (ebft_engine/finetune/masks.py).
 
-    python bench/mask_blocks.py [--blocks 2,12,24] [--epochs 2]
+    python bench/mask_blocks.py [--blocks 2,12,24] [--epochs 2] [--settings 2:4,70%]
 
 Reads the demo preset's self-calibration from the cache (or generates it, slowly). Last line: the median over blocks and
 settings of (learned-mask MSE / fixed-mask MSE), below 1 when learning the masks pays on the block's own loss;
@@ -44,10 +44,18 @@ def drive(gen):
         return stop.value
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def schedule_learner(linears, masks, saliency, nm, dense, seed, args) -> MaskLearner:
+    """ebft-mask's own learner (the seed and the script's arguments are for variants' learners)."""
+    return MaskLearner.for_block(linears, masks, saliency, nm, dense=dense)
+
+
+def main(learner_for=schedule_learner, ap: argparse.ArgumentParser | None = None) -> None:
+    """Run the comparison; ``learner_for`` builds a block's learner (``schedule_learner``'s arguments), so a
+    variant's script can compare its own (bench/mask_nm_choice.py)."""
+    ap = ap or argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="2,12,24")
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--settings", default="2:4,70%", help="which of 2:4 and 70%% to run")
     args = ap.parse_args()
     blocks_wanted = [int(b) for b in args.blocks.split(",")]
     preset = RunConfig.from_yaml("assets/presets/smollm2-demo.yaml")
@@ -73,7 +81,7 @@ def main() -> None:
         for h in hooks:
             h.remove()
         if i in blocks_wanted:
-            for nm, sparsity in SETTINGS:
+            for nm, sparsity in [st for st in SETTINGS if ('2:4' if st[0] else f'{st[1]:.0%}') in args.settings]:
                 losses, seconds = {}, {}
                 for learned in (False, True):
                     block, masks = copy.deepcopy(dense), {}
@@ -86,8 +94,8 @@ def main() -> None:
                     t = time.perf_counter()
                     if learned:
                         dense_w = {n: l.weight.detach().clone() for n, l in adapter.linears(dense).items()}
-                        learner = MaskLearner.for_block(adapter.linears(block), masks, {n: v.sqrt() for n, v in
-                                                        sq.items()}, nm, dense=dense_w)
+                        saliency = {n: v.sqrt() for n, v in sq.items()}
+                        learner = learner_for(adapter.linears(block), masks, saliency, nm, dense_w, i, args)
                         drive(finetune_block(block, call, x, targets, learner.grad_masks, cfg, precision,
                                              label="ebft-mask", index=i, seed=i, after_step=learner.after_step))
                         learner.finish(False)
