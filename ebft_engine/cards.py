@@ -64,9 +64,9 @@ def attention_kernel(model_config, card: Card) -> str:
     if card.capability >= BF16_MIN_CAPABILITY:
         return ("memory-efficient (the sliding-window mask rules out flash)" if windowed
                 else "flash attention")
-    if kv != heads and not windowed:
-        return ("math: before sm80 the memory-efficient kernel cannot take grouped-query attention, so scores "
-                "of batch x heads x seqlen^2 are materialised")
+    if kv != heads:
+        return ("memory-efficient, on key/value heads repeated to the query heads (before sm80 there is no flash "
+                "kernel, and the memory-efficient one cannot take grouped-query attention: models/attention.py)")
     return "memory-efficient (no flash attention before sm80)"
 
 
@@ -98,7 +98,7 @@ def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -
     capacity = card.memory
     host = int(host_memory * GiB) if host_memory else None
     plan = plan_memory(model_config, config, precision, device_capacity=capacity, host_capacity=host,
-                       gguf=source.gguf_file is not None)
+                       gguf=source.gguf_file is not None, capability=card.capability)
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     lines = [f"model: {config.model} ({n_params / 1e9:.2f}B parameters, {model_config.num_hidden_layers} blocks"
              f"{origin})",
@@ -116,10 +116,6 @@ def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -
                      f"{plan.peak_device / capacity:.0%}; host peak {plan.peak_host / GiB:.2f} GiB)")
     else:
         lines.append(f"verdict: does not fit: {plan.problem}; {remedy(plan, model_config, config, precision)}")
-    if attention_kernel(model_config, card).startswith("math"):
-        scores = config.ebft.batch_size * model_config.num_attention_heads * config.calib.seqlen ** 2 * (2 + 4)
-        lines.append(f"note: the math kernel's attention scores (about {scores / GiB:.2f} GiB per training batch: "
-                     "fp16 probabilities kept for backward and their fp32 softmax) are not in the table yet")
     if plan.fits and plan.peak_device > capacity * DEVICE_HEADROOM:
         lines.append(f"note: above {DEVICE_HEADROOM:.0%} of the card, where allocator fragmentation may bite")
     return "\n".join(lines), plan.fits

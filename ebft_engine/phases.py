@@ -17,6 +17,7 @@ from .evaluate import perplexity
 from .identity import check_same_model, model_identity, read_identity, write_identity
 from .models import (adapter_for, count_params, load_config, load_model_cached, read_structure, resolve_source,
                      save_structure)
+from .models.attention import REPEAT_KV, attention_for
 from .planner import GiB, capacities, plan_memory, remedy
 from .sparsity import structured as st
 from .summary import CalibInfo, EvalInfo, MemoryPlanInfo, PrecisionInfo, dtype_name
@@ -34,6 +35,11 @@ def load(run) -> Iterator[Event]:
     _check_disk(run, model_config)
     run.model, run.tokenizer, run.dense = load_model_cached(source, p.storage, count_params(model_config))
     run.adapter = adapter_for(run.model)
+    # SDPA on repeated key/value heads for grouped-query attention before sm80 (models/attention.py), else SDPA
+    run.model.config._attn_implementation = attention_for(model_config, p.device)
+    if run.model.config._attn_implementation == REPEAT_KV:
+        yield Notice("info", "attention: key/value heads repeated to the query heads, so SDPA's memory-efficient "
+                             "kernel runs (this GPU has no flash kernel for grouped-query attention)")
     # the model this run is on, recorded when it starts; a resumed run must be on the same one
     identity = model_identity(source, model_config)
     if read_identity(run.record.dir) is None:

@@ -12,6 +12,8 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
   30h + 8f + 4kv bytes per token under bf16 autocast (measured exactly by summing saved tensors of a LLaMA
   block with saved_tensors_hooks, widths 576 to 2048: within 0.1%), doubled without autocast, and the
   backward pass's transient gradients of the widest activations (about 12f + 8h per token);
+  before sm80, a grouped-query model's blocks repeat their key/value heads to the query width q
+  (models/attention.py): 4q more bytes per token kept for backward, 8q in a no-grad call;
 - Hessians: (3h^2 + f^2) float32 per block, times three (sums, scaled copy, factor); more for ALPS (_hessian_bytes);
 - structured pruning's importance pass (LLM-Pruner): the whole model on the device and one backward pass over
   taylor_samples x taylor_seqlen tokens with activation checkpointing, each weight's gradient reduced to its
@@ -36,6 +38,7 @@ from .config import RunConfig
 from .device import Precision, capacities  # noqa: F401  (capacities: callers import it from here)
 from .evaluate import EVAL_BATCH, HEAD_CHUNK, INFER_BATCH
 from .models import CACHE_MAX_PARAMS, block_params, count_params, projection_shapes
+from .models.attention import repeats_kv
 
 GiB = 1024 ** 3
 RUNTIME_BYTES = 480 * 1024 ** 2  # python + torch + transformers + datasets, resident (bench/memory.py measures it)
@@ -49,6 +52,7 @@ class Shape:
     hidden: int
     intermediate: int
     kv: int
+    q: int  # the query projection's width (heads x head_dim; not always hidden: Qwen3)
     layers: int
     vocab: int
     tied: bool
@@ -60,6 +64,7 @@ class Shape:
         """Widths from the model family's projection shapes (models.shapes: the one home of that arithmetic)."""
         shapes = projection_shapes(config)
         return cls(hidden=shapes["k_proj"][0], intermediate=shapes["gate_proj"][1], kv=shapes["k_proj"][1],
+                   q=shapes["q_proj"][1],
                    layers=config.num_hidden_layers, vocab=config.vocab_size,
                    tied=bool(getattr(config, "tie_word_embeddings", False)), block_params=block_params(config),
                    params=count_params(config))
@@ -80,6 +85,7 @@ class MemoryPlan:
     phases: tuple[PhasePlan, ...]
     device_capacity: int | None  # bytes the run may use on the device (None on a CPU run)
     host_capacity: int | None
+    capability: tuple[int, int] | None = None  # the CUDA device's compute capability, where known
 
     @property
     def peak_device(self) -> int:
@@ -127,7 +133,8 @@ class MemoryPlan:
 
 def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, device_capacity: int | None = None,
                 host_capacity: int | None = None, calib_cached: bool = False,
-                activations: str | None = None, gguf: bool = False) -> MemoryPlan:
+                activations: str | None = None, gguf: bool = False,
+                capability: tuple[int, int] | None = None) -> MemoryPlan:
     """Predict each phase's peak memory and choose where calibration activations live.
 
     Args:
@@ -139,19 +146,31 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
         gguf: the model loads from a GGUF file (dequantised on load: a transient copy).
         activations: "device", "host", or None to follow ``config.activations`` ("auto": the device when the
             EBFT phase fits there with room to spare, else the host).
+        capability: the CUDA card's compute capability (the plan command's ``--gpu``); None reads the run's own
+            device. Before sm80 a grouped-query model's blocks repeat their key/value heads
+            (models/attention.py), which the activations count.
     """
     s = Shape.of(model_config)
+    capability = capability or _capability(precision.device)
+    repeat = repeats_kv(model_config, capability)
     on_gpu = precision.device.type != "cpu"
     choice = activations or config.activations
     if not on_gpu:
         choice = "host"
     elif choice == "auto":
-        trial = _phases(s, config, precision, "device", calib_cached, gguf)
+        trial = _phases(s, config, precision, "device", calib_cached, gguf, repeat)
         fits = device_capacity is None or max(p.device for p in trial) <= device_capacity * DEVICE_HEADROOM
         choice = "device" if fits else "host"
-    phases = _phases(s, config, precision, choice, calib_cached, gguf)
+    phases = _phases(s, config, precision, choice, calib_cached, gguf, repeat)
     return MemoryPlan(device_type=precision.device.type, activations=choice, phases=tuple(phases),
-                      device_capacity=device_capacity, host_capacity=host_capacity)
+                      device_capacity=device_capacity, host_capacity=host_capacity, capability=capability)
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability of ``device`` when it is a CUDA device present here, else None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
 
 
 @dataclass(frozen=True)
@@ -169,18 +188,22 @@ class _Run:
     act: int  # one stream of calibration activations
     autocast: int  # 1 under autocast, 2 without (autograd keeps float32 activations)
     hessian_bytes: dict[str, int]  # by pruning method: what its Hessians hold while it prunes a block (or 0)
+    repeat: bool = False  # key/value heads repeated to the query heads before SDPA (models/attention.py)
 
     def inference(self, tokens: int) -> int:  # transient of one no-grad block call: q,k,v,attention out, MLP
-        return tokens * (4 * (4 * self.s.hidden + 2 * self.s.kv) + 4 * 3 * self.s.intermediate)
+        repeated = 4 * 2 * self.s.q if self.repeat else 0  # the repeated keys and values
+        return tokens * (4 * (4 * self.s.hidden + 2 * self.s.kv) + 4 * 3 * self.s.intermediate + repeated)
 
     def saved(self, tokens: int) -> int:  # what autograd keeps for one block's backward over ``tokens``
-        return self.autocast * tokens * (30 * self.s.hidden + 8 * self.s.intermediate + 4 * self.s.kv)
+        repeated = 4 * self.s.q if self.repeat else 0  # SDPA keeps the repeated keys and values (2 x 2 bytes)
+        return self.autocast * tokens * (30 * self.s.hidden + 8 * self.s.intermediate + 4 * self.s.kv + repeated)
 
     def backward(self, tokens: int) -> int:  # the backward pass's transient gradients of the widest activations
         return tokens * (12 * self.s.intermediate + 8 * self.s.hidden)
 
 
-def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool) -> list[PhasePlan]:
+def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool,
+            repeat: bool = False) -> list[PhasePlan]:
     sb = p.storage.itemsize
     h, pb = s.hidden, s.block_params
     model = s.params * sb
@@ -189,7 +212,8 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
     run = _Run(s, cfg, p, acts, sb, on_gpu=p.device.type != "cpu", model=model,
                base=RUNTIME_BYTES + model + snapshot, act=cfg.calib.total * cfg.calib.seqlen * h * sb,
                autocast=1 if p.compute is not None else 2,
-               hessian_bytes={m: _hessian_bytes(s, m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}})
+               hessian_bytes={m: _hessian_bytes(s, m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}},
+               repeat=repeat)
     phases = [PhasePlan("load", 0, RUNTIME_BYTES + model + (model if gguf else 0), {"model": model}),
               _data_phase(run, calib_cached), _eval_phase(run)]
     if cfg.prune.structured:
@@ -323,7 +347,8 @@ def _eval_windows(cfg: RunConfig, seqlen: int) -> int:
     return windows if cfg.eval.windows is None else min(cfg.eval.windows, windows)
 
 
-def suggestion(model_config: Any, config: RunConfig, precision: Precision, capacity: int | None) -> str:
+def suggestion(model_config: Any, config: RunConfig, precision: Precision, capacity: int | None,
+               capability: tuple[int, int] | None = None) -> str:
     """What to change so the run fits the device: the first of a few levers that does, with its figure."""
     levers: list[tuple[str, dict[str, Any], str | None]] = []
     b = config.ebft.batch_size
@@ -335,7 +360,8 @@ def suggestion(model_config: Any, config: RunConfig, precision: Precision, capac
         levers.append((f"--activations host --batch-size {b}", {"ebft.batch_size": b}, "host"))
     for flags, overrides, acts in levers:
         cfg = config.with_overrides(overrides) if overrides else config
-        plan = plan_memory(model_config, cfg, precision, device_capacity=capacity, activations=acts)
+        plan = plan_memory(model_config, cfg, precision, device_capacity=capacity, activations=acts,
+                           capability=capability)
         if capacity is None or plan.peak_device <= capacity * DEVICE_HEADROOM:
             return f"try {flags} (planned device peak {_gib(plan.peak_device)})"
     return "use a GPU with more memory, a shorter --seqlen, or --device cpu"
@@ -379,7 +405,7 @@ def oom_remedy(stage: str, model_config: Any, config: RunConfig, precision: Prec
 def remedy(plan: MemoryPlan, model_config: Any, config: RunConfig, precision: Precision) -> str:
     """What to change for a plan that does not fit: the device lever that fits, or what shrinks host memory."""
     if plan.device_capacity is not None and plan.peak_device > plan.device_capacity:
-        return suggestion(model_config, config, precision, plan.device_capacity)
+        return suggestion(model_config, config, precision, plan.device_capacity, plan.capability)
     return "use fewer --nsamples, a shorter --seqlen or fewer --eval-windows, or a machine with more memory"
 
 

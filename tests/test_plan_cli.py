@@ -46,12 +46,6 @@ def test_a_12_gib_card_keeps_the_activations_on_the_device():
     assert code == 0 and "calibration activations: on the device" in text and "| ebft | 10.57 GiB |" in text
 
 
-def test_grouped_query_attention_before_sm80_takes_the_math_kernel_and_says_so():
-    code, text = _plan("--gpu", "t4", "--model", "meta-llama/Meta-Llama-3-8B")
-    assert code == 0 and "attention kernel: math" in text
-    assert "note: the math kernel's attention scores (about 1.50 GiB per training batch" in text
-
-
 def test_an_unknown_card_is_one_line_and_exit_2(capsys):
     assert main(["plan", "--config", PAPER, "--gpu", "p100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

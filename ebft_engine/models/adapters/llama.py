@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ...errors import ModelLoadError
+from ..attention import REPEAT_KV
 from .base import BlockStructure, empty_linear, head_rows, sliced_linear, unsupported_message
 
 # model_type values whose decoder layers share the LLaMA layout and call signature.
@@ -94,8 +95,9 @@ class LlamaAdapter:
         model_type = getattr(model.config, "model_type", None)
         if model_type not in self.model_types:
             raise ModelLoadError(unsupported_message(model_type, (LlamaAdapter,)))
-        if model.config._attn_implementation != "sdpa":
+        if model.config._attn_implementation not in ("sdpa", REPEAT_KV):
             # Eager attention with attention_mask=None is not causal in transformers 5; SDPA infers is_causal.
+            # (models/attention.py: the load picks REPEAT_KV, SDPA on repeated key/value heads, before sm80.)
             model.config._attn_implementation = "sdpa"
         self.model = model
         self.config = model.config
