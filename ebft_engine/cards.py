@@ -16,7 +16,7 @@ import torch
 from .config import RunConfig
 from .device import BF16_MIN_CAPABILITY, pick_precision
 from .errors import ConfigError
-from .models import check_architecture, count_params, load_config, resolve_source
+from .models import check_architecture, count_params, load_config, resolve_source, restores_from_files
 from .planner import DEVICE_HEADROOM, GiB, plan_memory, remedy
 
 MiB = 1024 ** 2
@@ -98,7 +98,8 @@ def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -
     capacity = card.memory
     host = int(host_memory * GiB) if host_memory else None
     plan = plan_memory(model_config, config, precision, device_capacity=capacity, host_capacity=host,
-                       gguf=source.gguf_file is not None, capability=card.capability)
+                       gguf=source.gguf_file is not None, from_files=restores_from_files(source),
+                       capability=card.capability)
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     lines = [f"model: {config.model} ({n_params / 1e9:.2f}B parameters, {model_config.num_hidden_layers} blocks"
              f"{origin})",

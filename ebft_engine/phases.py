@@ -15,7 +15,7 @@ from .errors import ConfigError, EbftError
 from .events import EvalFinished, Event, Notice, ZeroShotFinished
 from .evaluate import perplexity
 from .identity import check_same_model, model_identity, read_identity, write_identity
-from .models import (adapter_for, count_params, load_config, load_model_cached, read_structure, resolve_source,
+from .models import (adapter_for, restores_from_files, count_params, load_config, load_model_cached, read_structure, resolve_source,
                      save_structure)
 from .models.attention import REPEAT_KV, attention_for
 from .planner import GiB, capacities, plan_memory, remedy
@@ -60,7 +60,7 @@ def _plan(run, model_config) -> Notice:
     cfg, p = run.config, run.precision
     device_capacity, host_capacity = capacities(p.device)
     run.plan = plan_memory(model_config, cfg, p, device_capacity=device_capacity, host_capacity=host_capacity,
-                           gguf=run.source.gguf_file is not None)
+                           gguf=run.source.gguf_file is not None, from_files=restores_from_files(run.source))
     run.summary.memory_plan = MemoryPlanInfo.of(run.plan)  # a refused run's summary still says why
     if run.plan.problem:
         raise ConfigError("memory", run.plan.problem, remedy(run.plan, model_config, cfg, p))

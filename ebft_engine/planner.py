@@ -5,7 +5,8 @@ What is counted (bytes; P = model parameters, Pb = one block's, L = blocks, N = 
 and MLP widths, kv = key/value width, T = tokens of one training batch):
 
 - the model, P x storage bytes, on the host (a block at a time visits the device); the dense block copy kept
-  to restore between variants, up to 1B (larger ones re-read their memory-mapped files, FileBackedBlocks);
+  to restore between variants, up to 1B, and for a larger model whose blocks cannot be re-read from safetensors
+  files (GGUF, .bin only) when the run has more than one variant (else FileBackedBlocks reads the files);
 - calibration activations, N x h x storage bytes each: inputs, dense targets (EBFT), outputs: three at once;
 - EBFT training state for one block: float32 weights, gradients and two AdamW moments (16 bytes per weight),
   a bool mask (1), the bf16 copies autocast makes of the weights (2), plus what autograd keeps for backward:
@@ -133,7 +134,7 @@ class MemoryPlan:
 
 def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, device_capacity: int | None = None,
                 host_capacity: int | None = None, calib_cached: bool = False,
-                activations: str | None = None, gguf: bool = False,
+                activations: str | None = None, gguf: bool = False, from_files: bool | None = None,
                 capability: tuple[int, int] | None = None) -> MemoryPlan:
     """Predict each phase's peak memory and choose where calibration activations live.
 
@@ -144,6 +145,8 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
         device_capacity / host_capacity: bytes available (None: not checked). See :func:`capacities`.
         calib_cached: self-generated calibration is already cached (no generation pass).
         gguf: the model loads from a GGUF file (dequantised on load: a transient copy).
+        from_files: the dense blocks can be re-read from safetensors files between variants
+            (models.restores_from_files); None: unless ``gguf``. Else a model over 1B keeps a copy in host memory.
         activations: "device", "host", or None to follow ``config.activations`` ("auto": the device when the
             EBFT phase fits there with room to spare, else the host).
         capability: the CUDA card's compute capability (the plan command's ``--gpu``); None reads the run's own
@@ -151,6 +154,7 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
             (models/attention.py), which the activations count.
     """
     s = Shape.of(model_config)
+    from_files = (not gguf) if from_files is None else from_files
     capability = capability or _capability(precision.device)
     repeat = repeats_kv(model_config, capability)
     on_gpu = precision.device.type != "cpu"
@@ -158,10 +162,10 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
     if not on_gpu:
         choice = "host"
     elif choice == "auto":
-        trial = _phases(s, config, precision, "device", calib_cached, gguf, repeat)
+        trial = _phases(s, config, precision, "device", calib_cached, gguf, repeat, from_files)
         fits = device_capacity is None or max(p.device for p in trial) <= device_capacity * DEVICE_HEADROOM
         choice = "device" if fits else "host"
-    phases = _phases(s, config, precision, choice, calib_cached, gguf, repeat)
+    phases = _phases(s, config, precision, choice, calib_cached, gguf, repeat, from_files)
     return MemoryPlan(device_type=precision.device.type, activations=choice, phases=tuple(phases),
                       device_capacity=device_capacity, host_capacity=host_capacity, capability=capability)
 
@@ -203,11 +207,14 @@ class _Run:
 
 
 def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool,
-            repeat: bool = False) -> list[PhasePlan]:
+            repeat: bool = False, from_files: bool = True) -> list[PhasePlan]:
     sb = p.storage.itemsize
     h, pb = s.hidden, s.block_params
     model = s.params * sb
-    snapshot = s.layers * pb * sb if s.params <= CACHE_MAX_PARAMS else 0
+    # the dense blocks kept to restore between variants: the load cache's copy up to 1B; above, a copy only
+    # where they cannot be re-read from safetensors files (Run._keep_dense) and more than one variant runs
+    copied = s.params <= CACHE_MAX_PARAMS or (not from_files and registry.variant_count(cfg) > 1)
+    snapshot = s.layers * pb * sb if copied else 0
     # each method's Hessians while it prunes a block (_hessian_bytes): in a baseline's pass and in EBFT's own
     run = _Run(s, cfg, p, acts, sb, on_gpu=p.device.type != "cpu", model=model,
                base=RUNTIME_BYTES + model + snapshot, act=cfg.calib.total * cfg.calib.seqlen * h * sb,

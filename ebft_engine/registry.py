@@ -142,6 +142,19 @@ def recovery_entry(name: str) -> RecoveryEntry | None:
     return _RECOVERIES.get(name)
 
 
+def active_recoveries(cfg) -> list:
+    """The recoveries ``cfg.recoveries`` names that run under ``cfg`` (their ``active``: EBFT with epochs > 0),
+    built, in order."""
+    return [r for r in (recovery_entry(name).build() for name in cfg.recoveries) if r.active(cfg)]
+
+
+def variant_count(cfg) -> int:
+    """How many variants a run of ``cfg`` prunes the model for: each baseline, then each active recovery from
+    --method's masks, or --method alone when no recovery runs and it is not a baseline (runner.Run.variants)."""
+    recoveries = len(active_recoveries(cfg))
+    return len(cfg.baselines) + (recoveries or int(cfg.prune.method not in cfg.baselines))
+
+
 # ---- options ----------------------------------------------------------------------------------------------
 def option_fields() -> dict[str, tuple[PruningEntry, dataclasses.Field]]:
     """Every ``prune.<name>`` option of every registered method: name -> (its method, its field)."""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import phases
+from . import phases, registry
 from .checkpoint import Checkpoints
 from .config import RunConfig
 from .errors import EbftError
@@ -81,7 +81,7 @@ class Run:
         """The pruned baselines, then each recovery from --method's masks (or --method pruned alone)."""
         cfg = self.config
         out = [Variant(b, make_pruner(b, cfg.prune), make_recovery(None)) for b in cfg.baselines]
-        recoveries = [r for r in (make_recovery(name) for name in cfg.recoveries) if r.active(cfg)]
+        recoveries = registry.active_recoveries(cfg)
         out += [Variant(r.name, make_pruner(cfg.prune.method, cfg.prune), r) for r in recoveries]
         if not recoveries and cfg.prune.method not in cfg.baselines:
             out.append(Variant(cfg.prune.method, make_pruner(cfg.prune.method, cfg.prune), make_recovery(None)))

@@ -162,3 +162,35 @@ def test_learned_masks_plan_their_dense_copy_latents_and_rank_buffers(paper):
     extra = shape.block_params * 5 + shape.hidden * shape.intermediate * 20
     assert learned.phase("ebft").device - fixed.phase("ebft").device == extra
     assert learned.fits  # 7B with learned masks still fits 16 GB
+
+
+def test_a_large_model_without_safetensors_plans_its_dense_copy_in_host_memory(paper, tmp_path):
+    """Between variants the dense blocks come back from the safetensors files (FileBackedBlocks); a GGUF file or a
+    .bin-only folder cannot be re-read that way, so Run._keep_dense keeps a host copy: 12.3 GiB for LLaMA-7B in
+    float16, which the plan must hold, in every phase after the load."""
+    config = SEVEN_B["llama-7b"]
+    p = Precision(torch.device("cuda"), torch.float16, torch.float16)
+    files = plan_memory(config, paper, p, from_files=True)
+    copy = plan_memory(config, paper, p, from_files=False)
+    blocks = Shape.of(config).layers * Shape.of(config).block_params * 2
+    assert blocks / GiB == pytest.approx(12.06, abs=0.01)
+    for phase in ("data", "eval", "prune", "ebft"):
+        assert copy.phase(phase).host - files.phase(phase).host == blocks
+    assert copy.phase("load").host == files.phase("load").host
+    assert plan_memory(config, paper, p, gguf=True).phase("ebft").host == copy.phase("ebft").host  # GGUF: a copy
+    single = paper.with_overrides({"baselines": [], "recoveries": ["ebft"]})  # one variant: nothing to restore
+    assert plan_memory(config, single, p, from_files=False).phases == plan_memory(config, single, p).phases
+
+
+def test_which_sources_restore_their_dense_blocks_from_files(tmp_path):
+    from ebft_engine.models import TINY_NAME, ModelSource, restores_from_files
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pytorch_model.bin").write_bytes(b"")
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "model.safetensors").write_bytes(b"")
+    assert not restores_from_files(ModelSource("m", str(tmp_path / "bin")))
+    assert restores_from_files(ModelSource("m", str(tmp_path / "st")))
+    assert not restores_from_files(ModelSource("x", "x", gguf_file="m.gguf"))
+    assert not restores_from_files(ModelSource(TINY_NAME, TINY_NAME))
+    assert restores_from_files(ModelSource("huggyllama/llama-7b", "huggyllama/llama-7b"))

@@ -12,7 +12,8 @@ from .adapters.llama import (BLOCK_ARGUMENTS, CACHE_ARGUMENTS, INPUT_GROUPS, LIN
 from .loading import (_CACHE, _CONFIG_CACHE, CACHE_MAX_PARAMS, EMBEDDED_GGUF, EMBEDDED_HUB_ID, EMBEDDED_NAME,
                       EMBEDDED_PACKAGE, LOADED_COUNTS, STRUCTURE_FILE, STRUCTURE_README, TINY_NAME, FileBackedBlocks,
                       ModelSource, _local_folder, byte_tokenizer, load_config, load_model, load_model_cached,
-                      loaded_counts, read_structure, resolve_source, restore_blocks, save_structure, tiny_config)
+                      loaded_counts, read_structure, resolve_source, restore_blocks, restores_from_files, save_structure,
+                      tiny_config)
 from .shapes import block_params, config_counts, count_params, dense_numel, dense_shapes, projection_shapes
 
 __all__ = ["ADAPTERS", "BLOCK_ARGUMENTS", "BlockAdapter", "BlockKwargs", "BlockStructure", "CACHE_ARGUMENTS",
@@ -22,4 +23,4 @@ __all__ = ["ADAPTERS", "BLOCK_ARGUMENTS", "BlockAdapter", "BlockKwargs", "BlockS
            "adapter_for_block", "adapter_for_config", "block_params", "byte_tokenizer", "check_architecture",
            "config_counts", "count_params", "dense_numel", "dense_shapes", "load_config", "load_model",
            "load_model_cached", "loaded_counts", "projection_shapes", "read_structure", "resolve_source",
-           "restore_blocks", "save_structure", "tiny_config"]
+           "restore_blocks", "restores_from_files", "save_structure", "tiny_config"]

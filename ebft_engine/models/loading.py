@@ -352,6 +352,17 @@ def loaded_counts(model: nn.Module) -> list[dict[str, int] | None]:
     return list(counts) if counts else [None] * len(_layers(model))
 
 
+def restores_from_files(source: "ModelSource") -> bool:
+    """Whether the dense blocks of ``source`` can be re-read from its safetensors files between variants
+    (:class:`FileBackedBlocks`), before any weight is loaded: not for a GGUF file, a model built in-process, or a
+    local folder without ``*.safetensors`` (``.bin`` only); a hub id is taken to ship safetensors (a run on one
+    that does not says so when it keeps the copy in memory instead)."""
+    if source.gguf_file or source.path == TINY_NAME:
+        return False
+    path = Path(source.path)
+    return not path.is_dir() or any(path.glob("*.safetensors"))
+
+
 def _local_folder(source: "ModelSource") -> Path | None:
     if source.gguf_file or source.path == TINY_NAME:
         return None
