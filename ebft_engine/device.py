@@ -109,6 +109,16 @@ def check_finite(t: torch.Tensor, precision: Precision, what: str) -> None:
         raise non_finite(precision, what)
 
 
+def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised host memory for activations that visit ``device`` a batch at a time.
+
+    Page-locked (pinned) when ``device`` is CUDA, so that host-to-device and device-to-host copies can be
+    non-blocking and overlap the device's work; plain memory otherwise (on a CPU run there is nothing to copy,
+    and pinning needs an accelerator). Allocate once and reuse it: pinning is a costly system call.
+    """
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
 def capacities(device: torch.device) -> tuple[int | None, int | None]:
     """(device bytes this process may use, host bytes available) right now; None where unknown."""
     host = _meminfo("MemAvailable")
