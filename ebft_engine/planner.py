@@ -1,5 +1,6 @@
 """The memory planner: peak device and host memory of each phase, predicted from the model's config and the run
-config before any weight is loaded; and where the calibration activations live (device or pinned host).
+config before any weight is loaded; where the calibration activations live (device or pinned host), and where
+the evaluation's hidden states do (:func:`eval_hidden_placement`).
 
 What is counted (bytes; P = model parameters, Pb = one block's, L = blocks, N = calibration tokens, h/f = hidden
 and MLP widths, kv = key/value width, T = tokens of one training batch):
@@ -16,7 +17,9 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
 - structured pruning's importance pass (LLM-Pruner): the whole model on the device and one backward pass over
   taylor_samples x taylor_seqlen tokens with activation checkpointing, each weight's gradient reduced to its
   groups' sums as soon as it exists;
-- evaluation: one block, the LM head and a 256-token slice of logits on the device; all hidden states on the host;
+- evaluation: one block, the LM head and a 256-token slice of logits on the device, and the hidden states of all
+  windows (windows x seqlen x h x storage bytes) beside them when they fit, else in pinned host memory with two
+  batches of inputs on the device (the one running and the next, copied ahead);
 - on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a GGUF
   model loads, one transient copy of its weights (the dequantised tensors). A safetensors checkpoint is
   memory-mapped: its pages are reclaimable page cache, not a second copy, so nothing is added for it;
@@ -78,6 +81,7 @@ class MemoryPlan:
     phases: tuple[PhasePlan, ...]
     device_capacity: int | None  # bytes the run may use on the device (None on a CPU run)
     host_capacity: int | None
+    eval_hidden: str = "host"  # where the evaluation's hidden states live: "device" or "host"
 
     @property
     def peak_device(self) -> int:
@@ -113,7 +117,8 @@ class MemoryPlan:
         if self.device_type != "cpu":
             text += (f", device peak {_gib(self.peak_device)}"
                      + (f" of {_gib(self.device_capacity)}" if self.device_capacity else "")
-                     + f"; calibration activations on the {self.activations}")
+                     + f"; calibration activations on the {self.activations}, evaluation hidden states on the "
+                     f"{self.eval_hidden}")
         return text
 
     def table(self) -> str:
@@ -125,8 +130,8 @@ class MemoryPlan:
 
 def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, device_capacity: int | None = None,
                 host_capacity: int | None = None, calib_cached: bool = False,
-                activations: str | None = None, gguf: bool = False) -> MemoryPlan:
-    """Predict each phase's peak memory and choose where calibration activations live.
+                activations: str | None = None, gguf: bool = False, eval_hidden: str | None = None) -> MemoryPlan:
+    """Predict each phase's peak memory and choose where calibration activations and evaluation states live.
 
     Args:
         model_config: the model's transformers config (only its shape is read).
@@ -137,6 +142,7 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
         gguf: the model loads from a GGUF file (dequantised on load: a transient copy).
         activations: "device", "host", or None to follow ``config.activations`` ("auto": the device when the
             EBFT phase fits there with room to spare, else the host).
+        eval_hidden: "device", "host", or None for :func:`eval_hidden_placement`'s choice (a CPU run: "host").
     """
     s = Shape.of(model_config)
     on_gpu = precision.device.type != "cpu"
@@ -144,12 +150,22 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
     if not on_gpu:
         choice = "host"
     elif choice == "auto":
-        trial = _phases(s, config, precision, "device", calib_cached, gguf)
+        trial = _phases(_terms(s, config, precision, "device"), calib_cached, gguf, "host")
         fits = device_capacity is None or max(p.device for p in trial) <= device_capacity * DEVICE_HEADROOM
         choice = "device" if fits else "host"
-    phases = _phases(s, config, precision, choice, calib_cached, gguf)
-    return MemoryPlan(device_type=precision.device.type, activations=choice, phases=tuple(phases),
-                      device_capacity=device_capacity, host_capacity=host_capacity)
+    run = _terms(s, config, precision, choice)
+    where = "host" if not on_gpu else eval_hidden or eval_hidden_placement(*_eval_terms(run)[:2], device_capacity)
+    return MemoryPlan(device_type=precision.device.type, activations=choice,
+                      phases=tuple(_phases(run, calib_cached, gguf, where)), device_capacity=device_capacity,
+                      host_capacity=host_capacity, eval_hidden=where)
+
+
+def eval_hidden_placement(work: int, hidden: int, device_capacity: int | None) -> str:
+    """Where the evaluation keeps its windows' hidden states: "device" when they (``hidden`` bytes) fit beside
+    the evaluation's own device bytes (``work``: a block, the LM head, a logits chunk, a batch's transients)
+    within DEVICE_HEADROOM of ``device_capacity`` (bytes; None: unknown, taken to fit), else "host"."""
+    fits = device_capacity is None or work + hidden <= device_capacity * DEVICE_HEADROOM
+    return "device" if fits else "host"
 
 
 @dataclass(frozen=True)
@@ -178,18 +194,22 @@ class _Run:
         return tokens * (12 * self.s.intermediate + 8 * self.s.hidden)
 
 
-def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool) -> list[PhasePlan]:
+def _terms(s: Shape, cfg: RunConfig, p: Precision, acts: str) -> _Run:
     sb = p.storage.itemsize
     h, pb = s.hidden, s.block_params
     model = s.params * sb
     snapshot = s.layers * pb * sb if s.params <= CACHE_MAX_PARAMS else 0
     # each method's Hessians while it prunes a block (_hessian_bytes): in a baseline's pass and in EBFT's own
-    run = _Run(s, cfg, p, acts, sb, on_gpu=p.device.type != "cpu", model=model,
-               base=RUNTIME_BYTES + model + snapshot, act=cfg.calib.total * cfg.calib.seqlen * h * sb,
-               autocast=1 if p.compute is not None else 2,
-               hessian_bytes={m: _hessian_bytes(s, m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}})
+    return _Run(s, cfg, p, acts, sb, on_gpu=p.device.type != "cpu", model=model,
+                base=RUNTIME_BYTES + model + snapshot, act=cfg.calib.total * cfg.calib.seqlen * h * sb,
+                autocast=1 if p.compute is not None else 2,
+                hessian_bytes={m: _hessian_bytes(s, m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}})
+
+
+def _phases(run: _Run, calib_cached: bool, gguf: bool, eval_hidden: str) -> list[PhasePlan]:
+    cfg, model = run.cfg, run.model
     phases = [PhasePlan("load", 0, RUNTIME_BYTES + model + (model if gguf else 0), {"model": model}),
-              _data_phase(run, calib_cached), _eval_phase(run)]
+              _data_phase(run, calib_cached), _eval_phase(run, eval_hidden)]
     if cfg.prune.structured:
         phases.append(_importance_phase(run))
     phases.append(_prune_phase(run))
@@ -212,15 +232,23 @@ def _data_phase(r: _Run, calib_cached: bool) -> PhasePlan:
     return PhasePlan("data", gen if r.on_gpu else 0, r.base + (0 if r.on_gpu else gen), {"generation": gen})
 
 
-def _eval_phase(r: _Run) -> PhasePlan:
-    s, sb, h = r.s, r.sb, r.s.hidden
-    eval_seqlen = r.cfg.eval.seqlen or 2048
-    eval_hidden = _eval_windows(r.cfg, eval_seqlen) * eval_seqlen * h * sb
-    eval_dev = (s.block_params * sb + s.vocab * h * sb + r.inference(EVAL_BATCH * eval_seqlen)
-                + HEAD_CHUNK * s.vocab * 4 * 3)
-    return PhasePlan("eval", eval_dev if r.on_gpu else 0,
-                     r.base + eval_hidden + (0 if r.on_gpu else r.inference(EVAL_BATCH * eval_seqlen)),
-                     {"hidden states": eval_hidden})
+def _eval_terms(r: _Run) -> tuple[int, int, int]:
+    """(the evaluation's device bytes besides the states: a block, the head, a batch's transients and a logits
+    chunk; the hidden states of all windows; one batch's inputs), in bytes."""
+    s, sb, h, seqlen = r.s, r.sb, r.s.hidden, r.cfg.eval.seqlen or 2048
+    work = s.block_params * sb + s.vocab * h * sb + r.inference(EVAL_BATCH * seqlen) + HEAD_CHUNK * s.vocab * 4 * 3
+    return work, _eval_windows(r.cfg, seqlen) * seqlen * h * sb, EVAL_BATCH * seqlen * h * sb
+
+
+def _eval_phase(r: _Run, where: str) -> PhasePlan:
+    """Evaluation: the states on the device (where="device") or on the host with two batches of inputs up."""
+    work, hidden, batch = _eval_terms(r)
+    if not r.on_gpu:
+        return PhasePlan("eval", 0, r.base + hidden + r.inference(EVAL_BATCH * (r.cfg.eval.seqlen or 2048)),
+                         {"hidden states": hidden})
+    on_device = where == "device"
+    return PhasePlan("eval", work + (hidden if on_device else 2 * batch), r.base + (0 if on_device else hidden),
+                     {"hidden states": hidden})
 
 
 def _importance_phase(r: _Run) -> PhasePlan:
