@@ -124,3 +124,26 @@ def test_host_batches_are_copied_one_batch_ahead():
 def test_an_unknown_placement_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="hidden_on"):
         perplexity(LlamaAdapter(tiny_llama), _ids(1, 16), 16, FP32_CPU, hidden_on="disk")
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_the_run_evaluates_where_its_memory_plan_put_the_states(monkeypatch, where):
+    """phases.evaluate hands the plan's choice (MemoryPlan.eval_hidden) to perplexity."""
+    from types import SimpleNamespace
+
+    from ebft_engine import phases
+    from ebft_engine.evaluate import PerplexityResult
+
+    seen: dict = {}
+
+    def fake(*args, **kwargs):
+        seen.update(kwargs)
+        return PerplexityResult(ppl=2.0, windows=1, total_windows=1, seqlen=8)
+
+    monkeypatch.setattr(phases, "perplexity", fake)
+    run = SimpleNamespace(adapter=None, eval_ids=None, eval_seqlen=8, precision=FP32_CPU, cancelled=lambda: False,
+                          config=SimpleNamespace(eval=SimpleNamespace(windows=None, source="wikitext2")),
+                          plan=SimpleNamespace(eval_hidden=where), summary=SimpleNamespace(ppl={}),
+                          write_summary=lambda: None)
+    list(phases.evaluate(run, "dense"))
+    assert seen["hidden_on"] == where and run.summary.ppl == {"dense": 2.0}
