@@ -119,6 +119,18 @@ def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
     return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
 
 
+def release_pinned_cache(device: torch.device) -> None:
+    """Hand the pinned host memory that no tensor uses any more back to the system, on CUDA (elsewhere nothing is
+    pinned). torch's caching host allocator keeps every pinned block, its size rounded up to a power of two, for
+    reuse until it is told otherwise: a phase's pinned buffer would otherwise stay resident through the next."""
+    if device.type != "cuda":
+        return
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)  # newer torch
+    empty = empty or getattr(torch._C, "_host_emptyCache", None)  # CUDA builds since torch 2.5
+    if empty is not None:
+        empty()
+
+
 def capacities(device: torch.device) -> tuple[int | None, int | None]:
     """(device bytes this process may use, host bytes available) right now; None where unknown."""
     host = _meminfo("MemAvailable")

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .device import Precision, check_finite, host_tensor, non_finite
+from .device import Precision, check_finite, host_tensor, non_finite, release_pinned_cache
 from .errors import Cancelled
 from .models import LlamaAdapter
 
@@ -59,10 +59,10 @@ def perplexity(adapter: LlamaAdapter, ids: torch.Tensor, seqlen: int, precision:
         batch_size: windows per block call.
         hidden_on: where the windows' hidden states, (n, seqlen, hidden) in the storage dtype, live between
             blocks: ``"device"`` (each block reads and overwrites them in place: no host-device traffic) or
-            ``"host"`` (allocated once, pinned on CUDA, reused for every block; batch i+1 is copied to the
-            device non-blocking on a side stream while batch i runs, and each output is copied straight back
-            into its rows). The memory planner chooses (``MemoryPlan.eval_hidden``); the perplexity is the
-            same either way.
+            ``"host"`` (allocated once, pinned on CUDA, reused for every block and released at the end; batch
+            i+1 is copied to the device non-blocking on a side stream while batch i runs, and each output is
+            copied straight back into its rows). The memory planner chooses (``MemoryPlan.eval_hidden``); the
+            perplexity is the same either way.
 
     Raises:
         ValueError: ``hidden_on`` is neither "device" nor "host".
@@ -75,25 +75,37 @@ def perplexity(adapter: LlamaAdapter, ids: torch.Tensor, seqlen: int, precision:
     chunks, total = eval_windows(ids, seqlen, windows)
     dev = precision.device
     hidden = _embedded(adapter, chunks, batch_size, precision.storage, dev, hidden_on)  # (n, seqlen, hidden)
+    try:
+        _run_blocks(adapter, hidden, seqlen, precision, batch_size, cancelled, label, prefetch=hidden_on == "host")
+        nll = _window_nll(adapter, hidden, chunks, precision).mean().item()
+    finally:
+        del hidden  # the pinned buffer goes back to torch's cache of pinned memory, and from there to the system:
+        if hidden_on == "host":  # it must not outlive the evaluation (the planner counts it in this phase only)
+            release_pinned_cache(dev)
+    if not math.isfinite(nll) or nll > 700:  # exp(709.8) is the largest finite float64
+        raise non_finite(precision, f"the perplexity of {label} (mean log-loss {nll:.4g})")
+    return PerplexityResult(ppl=math.exp(nll), windows=chunks.shape[0], total_windows=total, seqlen=seqlen)
+
+
+def _run_blocks(adapter: LlamaAdapter, hidden: torch.Tensor, seqlen: int, precision: Precision, batch_size: int,
+                cancelled: Callable[[], bool], label: str, prefetch: bool) -> None:
+    """Carry ``hidden`` (n, seqlen, hidden) through every block, one block on the device at a time, in place."""
+    dev = precision.device
     kwargs = adapter.block_kwargs(seqlen, dev, precision.storage)
     for i, block in enumerate(adapter.blocks):
         if cancelled():
             raise Cancelled()
         block.to(dev)
         try:
-            for rows, x in _batches(hidden, batch_size, dev, prefetch=hidden_on == "host"):
+            for rows, x in _batches(hidden, batch_size, dev, prefetch):
                 with precision.autocast():
                     out = adapter.call_block(block, x, kwargs).to(hidden.dtype)
                 check_finite(out, precision, f"the output of block {i} in the evaluation of {label}")
                 hidden[rows].copy_(out, non_blocking=True)  # into pinned memory: ordered on the current stream
         finally:
             block.to("cpu")
-    if hidden_on == "host" and dev.type == "cuda":
+    if prefetch and dev.type == "cuda":
         torch.cuda.current_stream(dev).synchronize()  # the last outputs are in host memory before it is read
-    nll = _window_nll(adapter, hidden, chunks, precision).mean().item()
-    if not math.isfinite(nll) or nll > 700:  # exp(709.8) is the largest finite float64
-        raise non_finite(precision, f"the perplexity of {label} (mean log-loss {nll:.4g})")
-    return PerplexityResult(ppl=math.exp(nll), windows=chunks.shape[0], total_windows=total, seqlen=seqlen)
 
 
 def _embedded(adapter: LlamaAdapter, chunks: torch.Tensor, batch_size: int, storage: torch.dtype,

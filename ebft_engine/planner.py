@@ -18,8 +18,9 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
   taylor_samples x taylor_seqlen tokens with activation checkpointing, each weight's gradient reduced to its
   groups' sums as soon as it exists;
 - evaluation: one block, the LM head and a 256-token slice of logits on the device, and the hidden states of all
-  windows (windows x seqlen x h x storage bytes) beside them when they fit, else in pinned host memory with two
-  batches of inputs on the device (the one running and the next, copied ahead);
+  windows (windows x seqlen x h x storage bytes) beside them when they fit, else in pinned host memory (rounded up
+  to a power of two, as torch's pinned-memory cache allocates) with two batches of inputs on the device (the one
+  running and the next, copied ahead);
 - on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a GGUF
   model loads, one transient copy of its weights (the dequantised tensors). A safetensors checkpoint is
   memory-mapped: its pages are reclaimable page cache, not a second copy, so nothing is added for it;
@@ -247,7 +248,8 @@ def _eval_phase(r: _Run, where: str) -> PhasePlan:
         return PhasePlan("eval", 0, r.base + hidden + r.inference(EVAL_BATCH * (r.cfg.eval.seqlen or 2048)),
                          {"hidden states": hidden})
     on_device = where == "device"
-    return PhasePlan("eval", work + (hidden if on_device else 2 * batch), r.base + (0 if on_device else hidden),
+    pinned = 1 << (hidden - 1).bit_length() if hidden else 0  # torch's pinned blocks are powers of two
+    return PhasePlan("eval", work + (hidden if on_device else 2 * batch), r.base + (0 if on_device else pinned),
                      {"hidden states": hidden})
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ebft_engine import evaluate
-from ebft_engine.device import Precision, host_tensor
+from ebft_engine.device import Precision, host_tensor, release_pinned_cache
 from ebft_engine.evaluate import _batches, eval_windows, perplexity
 from ebft_engine.models import LlamaAdapter
 
@@ -69,12 +69,13 @@ def test_the_host_states_are_allocated_once_per_evaluation_not_per_block(tiny_ll
         return host_tensor(shape, dtype, device)
 
     monkeypatch.setattr(evaluate, "host_tensor", counting)
+    monkeypatch.setattr(evaluate, "release_pinned_cache", lambda device: calls.append("released"))
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: pins.append(None) or self)
     adapter, ids = LlamaAdapter(tiny_llama), _ids(3, 32)
     perplexity(adapter, ids, 32, FP32_CPU, batch_size=2, hidden_on="host")
-    assert calls == [(3, 32, 64)] and pins == []
+    assert calls == [(3, 32, 64), "released"] and pins == []  # handed back once the evaluation is done
     perplexity(adapter, ids, 32, FP32_CPU, batch_size=2, hidden_on="device")
-    assert calls == [(3, 32, 64)]  # the states on the device: no host buffer at all
+    assert calls == [(3, 32, 64), "released"]  # the states on the device: no host buffer at all
 
 
 def test_host_tensor_is_pinned_for_cuda_only(monkeypatch):
@@ -89,6 +90,17 @@ def test_host_tensor_is_pinned_for_cuda_only(monkeypatch):
     host_tensor((2, 3), torch.bfloat16, torch.device("cuda"))
     plain = host_tensor((2, 3), torch.bfloat16, torch.device("cpu"))
     assert seen == [True, False] and plain.shape == (2, 3) and plain.dtype == torch.bfloat16
+
+
+def test_the_pinned_cache_is_emptied_on_cuda_only(monkeypatch):
+    """torch keeps freed pinned blocks cached: on CUDA they are handed back; on the CPU nothing was pinned (and
+    asking torch would raise without an accelerator)."""
+    emptied: list[None] = []
+    monkeypatch.setattr(torch.accelerator, "empty_host_cache", lambda: emptied.append(None), raising=False)
+    release_pinned_cache(torch.device("cpu"))
+    assert emptied == []
+    release_pinned_cache(torch.device("cuda"))
+    assert emptied == [None]
 
 
 class _Rows:
