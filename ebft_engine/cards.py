@@ -17,7 +17,8 @@ from .config import RunConfig
 from .device import BF16_MIN_CAPABILITY, pick_precision
 from .errors import ConfigError
 from .models import check_architecture, count_params, load_config, resolve_source, restores_from_files
-from .planner import DEVICE_HEADROOM, GiB, plan_memory, remedy
+from .oom import remedy
+from .planner import DEVICE_HEADROOM, GiB, plan_memory
 
 MiB = 1024 ** 2
 
@@ -108,7 +109,8 @@ def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -
              f"precision: weights {name(storage)}, compute {name(compute) if compute else 'float32'}"
              + ("" if card.bf16 or compute is None else " with a gradient scaler (no native bf16 before sm80)"),
              f"attention kernel: {attention_kernel(model_config, card)}",
-             f"calibration activations: on the {plan.activations}", "",
+             f"calibration activations: on the {plan.activations}",
+             f"evaluation hidden states: on the {plan.eval_hidden}", "",
              "| phase | device | host |", "|---|---:|---:|"]
     lines += [f"| {p.phase} | {p.device / GiB:.2f} GiB | {p.host / GiB:.2f} GiB |" for p in plan.phases]
     lines.append("")

@@ -109,6 +109,28 @@ def check_finite(t: torch.Tensor, precision: Precision, what: str) -> None:
         raise non_finite(precision, what)
 
 
+def host_tensor(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialised host memory for activations that visit ``device`` a batch at a time.
+
+    Page-locked (pinned) when ``device`` is CUDA, so that host-to-device and device-to-host copies can be
+    non-blocking and overlap the device's work; plain memory otherwise (on a CPU run there is nothing to copy,
+    and pinning needs an accelerator). Allocate once and reuse it: pinning is a costly system call.
+    """
+    return torch.empty(shape, dtype=dtype, pin_memory=device.type == "cuda")
+
+
+def release_pinned_cache(device: torch.device) -> None:
+    """Hand the pinned host memory that no tensor uses any more back to the system, on CUDA (elsewhere nothing is
+    pinned). torch's caching host allocator keeps every pinned block, its size rounded up to a power of two, for
+    reuse until it is told otherwise: a phase's pinned buffer would otherwise stay resident through the next."""
+    if device.type != "cuda":
+        return
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)  # newer torch
+    empty = empty or getattr(torch._C, "_host_emptyCache", None)  # CUDA builds since torch 2.5
+    if empty is not None:
+        empty()
+
+
 def capacities(device: torch.device) -> tuple[int | None, int | None]:
     """(device bytes this process may use, host bytes available) right now; None where unknown."""
     host = _meminfo("MemAvailable")

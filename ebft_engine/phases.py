@@ -18,7 +18,8 @@ from .identity import check_same_model, model_identity, read_identity, write_ide
 from .models import (adapter_for, restores_from_files, count_params, load_config, load_model_cached, read_structure, resolve_source,
                      save_structure)
 from .models.attention import REPEAT_KV, attention_for
-from .planner import GiB, capacities, plan_memory, remedy
+from .oom import remedy
+from .planner import GiB, capacities, plan_memory
 from .sparsity import structured as st
 from .summary import CalibInfo, EvalInfo, MemoryPlanInfo, PrecisionInfo, dtype_name
 
@@ -119,11 +120,12 @@ def _generating(run, nsamples: int, what: str) -> Notice:
 
 
 def evaluate(run, label: str) -> Iterator[Event]:
-    """Perplexity of the model as it is now, recorded under ``label`` (written to the summary at once)."""
+    """Perplexity of the model as it is now, recorded under ``label`` (written to the summary at once); the
+    windows' hidden states where the memory plan put them (on the device, or in pinned host memory)."""
     run.stage, run.where = "eval", f"the evaluation of {label}"
     started = time.perf_counter()
     res = perplexity(run.adapter, run.eval_ids, run.eval_seqlen, run.precision, windows=run.config.eval.windows,
-                     cancelled=run.cancelled, label=label)
+                     cancelled=run.cancelled, label=label, hidden_on=run.plan.eval_hidden)
     run.summary.ppl[label] = res.ppl
     run.write_summary()  # a finished number survives a crash
     yield EvalFinished(label=label, ppl=res.ppl, source=run.config.eval.source, seqlen=res.seqlen,

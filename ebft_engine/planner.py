@@ -1,5 +1,6 @@
 """The memory planner: peak device and host memory of each phase, predicted from the model's config and the run
-config before any weight is loaded; and where the calibration activations live (device or pinned host).
+config before any weight is loaded; where the calibration activations live (device or pinned host), and where
+the evaluation's hidden states do (:func:`eval_hidden_placement`).
 
 What is counted (bytes; P = model parameters, Pb = one block's, L = blocks, N = calibration tokens, h/f = hidden
 and MLP widths, kv = key/value width, T = tokens of one training batch):
@@ -19,7 +20,10 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
 - structured pruning's importance pass (LLM-Pruner): the whole model on the device and one backward pass over
   taylor_samples x taylor_seqlen tokens with activation checkpointing, each weight's gradient reduced to its
   groups' sums as soon as it exists;
-- evaluation: one block, the LM head and a 256-token slice of logits on the device; all hidden states on the host;
+- evaluation: one block, the LM head and a 256-token slice of logits on the device, and the hidden states of all
+  windows (windows x seqlen x h x storage bytes) beside them when they fit, else in pinned host memory (rounded up
+  to a power of two, as torch's pinned-memory cache allocates) with two batches of inputs on the device (the one
+  running and the next, copied ahead);
 - on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a GGUF
   model loads, one transient copy of its weights (the dequantised tensors). A safetensors checkpoint is
   memory-mapped: its pages are reclaimable page cache, not a second copy, so nothing is added for it;
@@ -87,6 +91,7 @@ class MemoryPlan:
     device_capacity: int | None  # bytes the run may use on the device (None on a CPU run)
     host_capacity: int | None
     capability: tuple[int, int] | None = None  # the CUDA device's compute capability, where known
+    eval_hidden: str = "host"  # where the evaluation's hidden states live: "device" or "host"
 
     @property
     def peak_device(self) -> int:
@@ -122,7 +127,8 @@ class MemoryPlan:
         if self.device_type != "cpu":
             text += (f", device peak {_gib(self.peak_device)}"
                      + (f" of {_gib(self.device_capacity)}" if self.device_capacity else "")
-                     + f"; calibration activations on the {self.activations}")
+                     + f"; calibration activations on the {self.activations}, evaluation hidden states on the "
+                     f"{self.eval_hidden}")
         return text
 
     def table(self) -> str:
@@ -135,8 +141,8 @@ class MemoryPlan:
 def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, device_capacity: int | None = None,
                 host_capacity: int | None = None, calib_cached: bool = False,
                 activations: str | None = None, gguf: bool = False, from_files: bool | None = None,
-                capability: tuple[int, int] | None = None) -> MemoryPlan:
-    """Predict each phase's peak memory and choose where calibration activations live.
+                capability: tuple[int, int] | None = None, eval_hidden: str | None = None) -> MemoryPlan:
+    """Predict each phase's peak memory and choose where calibration activations and evaluation states live.
 
     Args:
         model_config: the model's transformers config (only its shape is read).
@@ -152,6 +158,7 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
         capability: the CUDA card's compute capability (the plan command's ``--gpu``); None reads the run's own
             device. Before sm80 a grouped-query model's blocks repeat their key/value heads
             (models/attention.py), which the activations count.
+        eval_hidden: "device", "host", or None for :func:`eval_hidden_placement`'s choice (a CPU run: "host").
     """
     s = Shape.of(model_config)
     from_files = (not gguf) if from_files is None else from_files
@@ -162,12 +169,14 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
     if not on_gpu:
         choice = "host"
     elif choice == "auto":
-        trial = _phases(s, config, precision, "device", calib_cached, gguf, repeat, from_files)
+        trial = _phases(_terms(s, config, precision, "device", repeat, from_files), calib_cached, gguf, "host")
         fits = device_capacity is None or max(p.device for p in trial) <= device_capacity * DEVICE_HEADROOM
         choice = "device" if fits else "host"
-    phases = _phases(s, config, precision, choice, calib_cached, gguf, repeat, from_files)
-    return MemoryPlan(device_type=precision.device.type, activations=choice, phases=tuple(phases),
-                      device_capacity=device_capacity, host_capacity=host_capacity, capability=capability)
+    run = _terms(s, config, precision, choice, repeat, from_files)
+    where = "host" if not on_gpu else eval_hidden or eval_hidden_placement(*_eval_terms(run)[:2], device_capacity)
+    return MemoryPlan(device_type=precision.device.type, activations=choice,
+                      phases=tuple(_phases(run, calib_cached, gguf, where)), device_capacity=device_capacity,
+                      host_capacity=host_capacity, capability=capability, eval_hidden=where)
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
@@ -175,6 +184,14 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return tuple(torch.cuda.get_device_capability(device))
+
+
+def eval_hidden_placement(work: int, hidden: int, device_capacity: int | None) -> str:
+    """Where the evaluation keeps its windows' hidden states: "device" when they (``hidden`` bytes) fit beside
+    the evaluation's own device bytes (``work``: a block, the LM head, a logits chunk, a batch's transients)
+    within DEVICE_HEADROOM of ``device_capacity`` (bytes; None: unknown, taken to fit), else "host"."""
+    fits = device_capacity is None or work + hidden <= device_capacity * DEVICE_HEADROOM
+    return "device" if fits else "host"
 
 
 @dataclass(frozen=True)
@@ -206,8 +223,7 @@ class _Run:
         return tokens * (12 * self.s.intermediate + 8 * self.s.hidden)
 
 
-def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool,
-            repeat: bool = False, from_files: bool = True) -> list[PhasePlan]:
+def _terms(s: Shape, cfg: RunConfig, p: Precision, acts: str, repeat: bool = False, from_files: bool = True) -> _Run:
     sb = p.storage.itemsize
     h, pb = s.hidden, s.block_params
     model = s.params * sb
@@ -216,13 +232,17 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
     copied = s.params <= CACHE_MAX_PARAMS or (not from_files and registry.variant_count(cfg) > 1)
     snapshot = s.layers * pb * sb if copied else 0
     # each method's Hessians while it prunes a block (_hessian_bytes): in a baseline's pass and in EBFT's own
-    run = _Run(s, cfg, p, acts, sb, on_gpu=p.device.type != "cpu", model=model,
-               base=RUNTIME_BYTES + model + snapshot, act=cfg.calib.total * cfg.calib.seqlen * h * sb,
-               autocast=1 if p.compute is not None else 2,
-               hessian_bytes={m: _hessian_bytes(s, m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}},
-               repeat=repeat)
+    return _Run(s, cfg, p, acts, sb, on_gpu=p.device.type != "cpu", model=model,
+                base=RUNTIME_BYTES + model + snapshot, act=cfg.calib.total * cfg.calib.seqlen * h * sb,
+                autocast=1 if p.compute is not None else 2,
+                hessian_bytes={m: _hessian_bytes(s, m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}},
+                repeat=repeat)
+
+
+def _phases(run: _Run, calib_cached: bool, gguf: bool, eval_hidden: str) -> list[PhasePlan]:
+    cfg, model = run.cfg, run.model
     phases = [PhasePlan("load", 0, RUNTIME_BYTES + model + (model if gguf else 0), {"model": model}),
-              _data_phase(run, calib_cached), _eval_phase(run)]
+              _data_phase(run, calib_cached), _eval_phase(run, eval_hidden)]
     if cfg.prune.structured:
         phases.append(_importance_phase(run))
     phases.append(_prune_phase(run))
@@ -245,15 +265,24 @@ def _data_phase(r: _Run, calib_cached: bool) -> PhasePlan:
     return PhasePlan("data", gen if r.on_gpu else 0, r.base + (0 if r.on_gpu else gen), {"generation": gen})
 
 
-def _eval_phase(r: _Run) -> PhasePlan:
-    s, sb, h = r.s, r.sb, r.s.hidden
-    eval_seqlen = r.cfg.eval.seqlen or 2048
-    eval_hidden = _eval_windows(r.cfg, eval_seqlen) * eval_seqlen * h * sb
-    eval_dev = (s.block_params * sb + s.vocab * h * sb + r.inference(EVAL_BATCH * eval_seqlen)
-                + HEAD_CHUNK * s.vocab * 4 * 3)
-    return PhasePlan("eval", eval_dev if r.on_gpu else 0,
-                     r.base + eval_hidden + (0 if r.on_gpu else r.inference(EVAL_BATCH * eval_seqlen)),
-                     {"hidden states": eval_hidden})
+def _eval_terms(r: _Run) -> tuple[int, int, int]:
+    """(the evaluation's device bytes besides the states: a block, the head, a batch's transients and a logits
+    chunk; the hidden states of all windows; one batch's inputs), in bytes."""
+    s, sb, h, seqlen = r.s, r.sb, r.s.hidden, r.cfg.eval.seqlen or 2048
+    work = s.block_params * sb + s.vocab * h * sb + r.inference(EVAL_BATCH * seqlen) + HEAD_CHUNK * s.vocab * 4 * 3
+    return work, _eval_windows(r.cfg, seqlen) * seqlen * h * sb, EVAL_BATCH * seqlen * h * sb
+
+
+def _eval_phase(r: _Run, where: str) -> PhasePlan:
+    """Evaluation: the states on the device (where="device") or on the host with two batches of inputs up."""
+    work, hidden, batch = _eval_terms(r)
+    if not r.on_gpu:
+        return PhasePlan("eval", 0, r.base + hidden + r.inference(EVAL_BATCH * (r.cfg.eval.seqlen or 2048)),
+                         {"hidden states": hidden})
+    on_device = where == "device"
+    pinned = 1 << (hidden - 1).bit_length() if hidden else 0  # torch's pinned blocks are powers of two
+    return PhasePlan("eval", work + (hidden if on_device else 2 * batch), r.base + (0 if on_device else pinned),
+                     {"hidden states": hidden})
 
 
 def _importance_phase(r: _Run) -> PhasePlan:
@@ -352,68 +381,6 @@ def _eval_windows(cfg: RunConfig, seqlen: int) -> int:
         tokens = EVAL_TOKENS.get(source, 0)
     windows = tokens // seqlen
     return windows if cfg.eval.windows is None else min(cfg.eval.windows, windows)
-
-
-def suggestion(model_config: Any, config: RunConfig, precision: Precision, capacity: int | None,
-               capability: tuple[int, int] | None = None) -> str:
-    """What to change so the run fits the device: the first of a few levers that does, with its figure."""
-    levers: list[tuple[str, dict[str, Any], str | None]] = []
-    b = config.ebft.batch_size
-    while b > 1:
-        b //= 2
-        levers.append((f"--batch-size {b}", {"ebft.batch_size": b}, None))
-    levers.append(("--activations host", {}, "host"))
-    for b in (max(config.ebft.batch_size // 2, 1), 1):
-        levers.append((f"--activations host --batch-size {b}", {"ebft.batch_size": b}, "host"))
-    for flags, overrides, acts in levers:
-        cfg = config.with_overrides(overrides) if overrides else config
-        plan = plan_memory(model_config, cfg, precision, device_capacity=capacity, activations=acts,
-                           capability=capability)
-        if capacity is None or plan.peak_device <= capacity * DEVICE_HEADROOM:
-            return f"try {flags} (planned device peak {_gib(plan.peak_device)})"
-    return "use a GPU with more memory, a shorter --seqlen, or --device cpu"
-
-
-# What a device allocation failure looks like besides torch.OutOfMemoryError: cuBLAS / cuSOLVER workspaces and
-# older torch builds raise a plain RuntimeError.
-OOM_MARKERS = ("out of memory", "ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is the device running out of memory (of any kind torch reports it as)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and any(m in str(error) for m in OOM_MARKERS)
-
-
-def oom_remedy(stage: str, model_config: Any, config: RunConfig, precision: Precision,
-               capacity: int | None) -> tuple[str, bool]:
-    """(what to change, whether --resume may take that change) after the device ran out of memory in ``stage``.
-
-    Only EBFT training (``train``) reacts to --batch-size; a block's pruning and propagation pass (``block``)
-    to --activations host; evaluation to a shorter window; the importance pass to fewer Taylor tokens; LoRA and
-    zero-shot, which hold the whole model, to a larger device.
-    """
-    if stage == "train":
-        if model_config is None:
-            return "use a smaller --batch-size or --activations host", True
-        return suggestion(model_config, config, precision, capacity), True
-    if stage == "block" and config.activations != "host":
-        return "try --activations host (calibration activations in pinned host memory)", True
-    fixes = {"eval": "use a shorter --eval-seqlen, or --device cpu",
-             "importance": "use fewer --taylor-samples or a shorter --taylor-seqlen",
-             "lora": "LoRA trains the whole model on the device: use a GPU with more memory, or drop lora from "
-                     "--recoveries",
-             "zeroshot": "zero-shot scoring holds the whole model on the device: use a GPU with more memory, or "
-                         "drop --zeroshot"}
-    return fixes.get(stage, "use a GPU with more memory, a shorter --seqlen, or --device cpu"), False
-
-
-def remedy(plan: MemoryPlan, model_config: Any, config: RunConfig, precision: Precision) -> str:
-    """What to change for a plan that does not fit: the device lever that fits, or what shrinks host memory."""
-    if plan.device_capacity is not None and plan.peak_device > plan.device_capacity:
-        return suggestion(model_config, config, precision, plan.device_capacity, plan.capability)
-    return "use fewer --nsamples, a shorter --seqlen or fewer --eval-windows, or a machine with more memory"
 
 
 def _gib(n: int | None) -> str:

@@ -57,3 +57,19 @@ def test_a_local_model_folder_is_planned_from_its_config(tiny_model_dir):
     out = io.StringIO()
     assert main(["plan", "--model", str(tiny_model_dir), "--gpu", "a100-40"], out=out) == 0
     assert "2 blocks" in out.getvalue() and "verdict: fits" in out.getvalue()
+
+
+@pytest.mark.parametrize("card", ["t4", "h100-80"])
+def test_the_evaluation_states_stay_on_a_card_with_room_for_them(card):
+    """LLaMA-7B's 2.59 GiB of WikiText-2 states (as planned) fit beside the evaluation's block and head even on a
+    T4: the eval phase holds them on the device (5.06 GiB) and the host only the model (13.02 GiB, not 15.61)."""
+    code, text = _plan("--gpu", card)
+    assert code == 0 and "evaluation hidden states: on the device" in text
+    assert "| eval | 5.06 GiB | 13.02 GiB |" in text
+
+
+def test_the_evaluation_states_stay_on_the_host_when_the_card_has_no_room():
+    code, text = _plan("--gpu-memory", "5")
+    assert "evaluation hidden states: on the host" in text
+    assert "| eval | 2.60 GiB | 17.02 GiB |" in text  # the model and 4 GiB pinned for 2.59 GiB of states
+

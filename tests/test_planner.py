@@ -8,7 +8,8 @@ from transformers import LlamaConfig
 
 from ebft_engine import RunConfig
 from ebft_engine.device import Precision
-from ebft_engine.planner import GiB, Shape, plan_memory, suggestion
+from ebft_engine.oom import suggestion
+from ebft_engine.planner import GiB, Shape, eval_hidden_placement, plan_memory
 
 GPU16 = 16 * 10 ** 9
 CUDA_BF16 = Precision(torch.device("cuda"), torch.bfloat16, torch.bfloat16)
@@ -194,3 +195,41 @@ def test_which_sources_restore_their_dense_blocks_from_files(tmp_path):
     assert not restores_from_files(ModelSource("x", "x", gguf_file="m.gguf"))
     assert not restores_from_files(ModelSource(TINY_NAME, TINY_NAME))
     assert restores_from_files(ModelSource("huggyllama/llama-7b", "huggyllama/llama-7b"))
+
+
+@pytest.mark.parametrize("work,hidden,capacity,where", [
+    (2 * GiB, 2 * GiB, 16 * GiB, "device"),
+    (2 * GiB, 2 * GiB, int(4 * GiB / 0.92) + 1, "device"),  # just within the headroom
+    (2 * GiB, 2 * GiB, int(4 * GiB / 0.92) - 1, "host"),  # just beyond it
+    (2 * GiB, 20 * GiB, 16 * GiB, "host"),
+    (2 * GiB, 2 * GiB, None, "device"),  # capacity unknown: taken to fit, as calibration activations are
+])
+def test_evaluation_states_go_to_the_device_only_when_they_fit_beside_its_work(work, hidden, capacity, where):
+    assert eval_hidden_placement(work, hidden, capacity) == where
+
+
+def test_the_eval_phase_counts_the_hidden_states_where_they_live(paper):
+    """LLaMA-7B on WikiText-2 (planned as 340,000 tokens: 166 windows of 2048): 2.59 GiB of bf16 states fit a
+    16 GB card beside the block, the head and a logits chunk, so they leave the host; on a 5 GiB card they stay
+    there, pinned (torch rounds a pinned block up to a power of two: 4 GiB), and the device holds two batches of
+    inputs (the running one and the next) instead."""
+    states, batch = 166 * 2048 * 4096 * 2, 4 * 2048 * 4096 * 2
+    auto = plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16, device_capacity=GPU16)
+    host = plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16, device_capacity=GPU16, eval_hidden="host")
+    assert auto.eval_hidden == "device" and host.eval_hidden == "host"
+    assert auto.phase("eval").device - host.phase("eval").device == states - 2 * batch
+    assert host.phase("eval").host - auto.phase("eval").host == 4 * GiB  # pinned: a power-of-two block
+    assert auto.phase("eval").host == auto.phase("load").host  # nothing of the evaluation's on the host
+    assert auto.phase("eval").device <= GPU16 * 0.92 and auto.peak_device == host.peak_device  # EBFT's peak
+    small = plan_memory(SEVEN_B["llama-7b"], paper, CUDA_BF16, device_capacity=5 * GiB)
+    assert small.eval_hidden == "host" and small.phase("eval") == plan_memory(
+        SEVEN_B["llama-7b"], paper, CUDA_BF16, device_capacity=5 * GiB, eval_hidden="host").phase("eval")
+    assert "evaluation hidden states on the device" in auto.summary()
+    assert "evaluation hidden states on the host" in small.summary()
+
+
+def test_a_cpu_run_keeps_the_evaluation_states_on_the_host(paper):
+    plan = plan_memory(SEVEN_B["llama-7b"], paper, Precision(torch.device("cpu"), torch.bfloat16, torch.bfloat16),
+                       eval_hidden="device")
+    assert plan.eval_hidden == "host" and plan.phase("eval").device == 0
+    assert plan.phase("eval").host > plan.phase("load").host + 166 * 2048 * 4096 * 2
