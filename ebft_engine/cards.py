@@ -17,7 +17,8 @@ from .config import RunConfig
 from .device import BF16_MIN_CAPABILITY, pick_precision
 from .errors import ConfigError
 from .models import check_architecture, count_params, load_config, resolve_source
-from .planner import DEVICE_HEADROOM, GiB, plan_memory, remedy
+from .planner import DEVICE_HEADROOM, GiB, plan_memory
+from .remedies import remedy
 
 MiB = 1024 ** 2
 

@@ -17,7 +17,8 @@ from .evaluate import perplexity
 from .identity import check_same_model, model_identity, read_identity, write_identity
 from .models import (adapter_for, count_params, load_config, load_model_cached, read_structure, resolve_source,
                      save_structure)
-from .planner import GiB, capacities, plan_memory, remedy
+from .planner import GiB, capacities, plan_memory
+from .remedies import remedy
 from .sparsity import structured as st
 from .summary import CalibInfo, EvalInfo, MemoryPlanInfo, PrecisionInfo, dtype_name
 
