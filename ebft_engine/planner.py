@@ -35,6 +35,7 @@ from .config import RunConfig
 from .device import Precision, capacities  # noqa: F401  (capacities: callers import it from here)
 from .evaluate import EVAL_BATCH, HEAD_CHUNK, INFER_BATCH
 from .models import CACHE_MAX_PARAMS, block_params, count_params, projection_shapes
+from .zeroshot import BATCH as ZEROSHOT_BATCH, PLANNED_TOKENS as ZEROSHOT_TOKENS
 
 GiB = 1024 ** 3
 RUNTIME_BYTES = 480 * 1024 ** 2  # python + torch + transformers + datasets, resident (bench/memory.py measures it)
@@ -153,6 +154,26 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
                       device_capacity=device_capacity, host_capacity=host_capacity)
 
 
+def zeroshot_batch_bytes(s: Shape, p: Precision) -> int:
+    """Bytes one lm-eval batch needs beside the weights: ZEROSHOT_BATCH requests of ZEROSHOT_TOKENS tokens through
+    a block (the inference transient every phase counts), the residual stream, and the logits over the vocabulary
+    with their float32 log-softmax (lm-eval's, under autocast; both in the storage dtype without it). No KV cache:
+    zeroshot.evaluate turns it off."""
+    tokens = ZEROSHOT_BATCH * ZEROSHOT_TOKENS
+    per_logit = p.compute.itemsize + 4 if p.compute is not None else 2 * p.storage.itemsize
+    return _inference(s, tokens) + 2 * tokens * s.hidden * p.storage.itemsize + tokens * s.vocab * per_logit
+
+
+def zeroshot_placement(model_bytes: int, device_capacity: int | None, batch_bytes: int) -> str:
+    """How zero-shot scoring holds the model: ``"device"`` (the whole model moves to the device) when its bytes
+    and lm-eval's batch's (:func:`zeroshot_batch_bytes`) fit within DEVICE_HEADROOM of ``device_capacity`` bytes,
+    or when that capacity is unknown (None: a CPU run); else ``"offload"`` (the blocks stay in host memory and
+    stream to the device, zeroshot.placed)."""
+    if device_capacity is None or model_bytes + batch_bytes <= device_capacity * DEVICE_HEADROOM:
+        return "device"
+    return "offload"
+
+
 @dataclass(frozen=True)
 class _Run:
     """What every phase's estimate reads: the model's shape, the run, the precision and the shared terms."""
@@ -169,14 +190,19 @@ class _Run:
     autocast: int  # 1 under autocast, 2 without (autograd keeps float32 activations)
     hessian_bytes: dict[str, int]  # by pruning method: what its Hessians hold while it prunes a block (or 0)
 
-    def inference(self, tokens: int) -> int:  # transient of one no-grad block call: q,k,v,attention out, MLP
-        return tokens * (4 * (4 * self.s.hidden + 2 * self.s.kv) + 4 * 3 * self.s.intermediate)
+    def inference(self, tokens: int) -> int:
+        return _inference(self.s, tokens)
 
     def saved(self, tokens: int) -> int:  # what autograd keeps for one block's backward over ``tokens``
         return self.autocast * tokens * (30 * self.s.hidden + 8 * self.s.intermediate + 4 * self.s.kv)
 
     def backward(self, tokens: int) -> int:  # the backward pass's transient gradients of the widest activations
         return tokens * (12 * self.s.intermediate + 8 * self.s.hidden)
+
+
+def _inference(s: Shape, tokens: int) -> int:
+    """The transient of one no-grad block call over ``tokens``: q, k, v, attention out, the MLP's widths."""
+    return tokens * (4 * (4 * s.hidden + 2 * s.kv) + 4 * 3 * s.intermediate)
 
 
 def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool) -> list[PhasePlan]:

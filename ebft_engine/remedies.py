@@ -47,8 +47,8 @@ def oom_remedy(stage: str, model_config: Any, config: RunConfig, precision: Prec
     """(what to change, whether --resume may take that change) after the device ran out of memory in ``stage``.
 
     Only EBFT training (``train``) reacts to --batch-size; a block's pruning and propagation pass (``block``)
-    to --activations host; evaluation to a shorter window; the importance pass to fewer Taylor tokens; LoRA and
-    zero-shot, which hold the whole model, to a larger device.
+    to --activations host; evaluation to a shorter window; the importance pass to fewer Taylor tokens; LoRA, which
+    holds the whole model, and zero-shot, whose batch remains when its blocks stream, to a larger device.
     """
     if stage == "train":
         if model_config is None:
@@ -60,13 +60,19 @@ def oom_remedy(stage: str, model_config: Any, config: RunConfig, precision: Prec
              "importance": "use fewer --taylor-samples or a shorter --taylor-seqlen",
              "lora": "LoRA trains the whole model on the device: use a GPU with more memory, or drop lora from "
                      "--recoveries",
-             "zeroshot": "zero-shot scoring holds the whole model on the device: use a GPU with more memory, or "
-                         "drop --zeroshot"}
+             "zeroshot": ZEROSHOT_FIX}
     return fixes.get(stage, "use a GPU with more memory, a shorter --seqlen, or --device cpu"), False
+
+
+ZEROSHOT_FIX = ("zero-shot scoring streams the blocks from host memory when the whole model does not fit; what stays "
+                "on the device is lm-eval's batch of 8 requests with their logits over the vocabulary and what lies "
+                "outside the blocks: use a GPU with more memory, or drop --zeroshot")
 
 
 def remedy(plan: MemoryPlan, model_config: Any, config: RunConfig, precision: Precision) -> str:
     """What to change for a plan that does not fit: the device lever that fits, or what shrinks host memory."""
     if plan.device_capacity is not None and plan.peak_device > plan.device_capacity:
+        if max(plan.phases, key=lambda p: p.device).phase == "zeroshot":  # no EBFT lever shrinks it
+            return ZEROSHOT_FIX
         return suggestion(model_config, config, precision, plan.device_capacity)
     return "use fewer --nsamples, a shorter --seqlen or fewer --eval-windows, or a machine with more memory"
