@@ -89,6 +89,11 @@ def _model_config(source):
     return config, f"; its shape from {shipped.relative_to(SHIPPED_CONFIGS.parents[1])}"
 
 
+ZEROSHOT_MODES = {"device": "the whole model on the device",
+                  "offload": "blocks offloaded to host memory, streamed to the device as they run (the model and "
+                             "lm-eval's batch would not fit)"}
+
+
 def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -> tuple[str, bool]:
     """(the plan as text, whether it fits) for ``config`` on ``card``; reads the model's config only."""
     source = resolve_source(config.model)
@@ -108,8 +113,10 @@ def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -
              f"precision: weights {name(storage)}, compute {name(compute) if compute else 'float32'}"
              + ("" if card.bf16 or compute is None else " with a gradient scaler (no native bf16 before sm80)"),
              f"attention kernel: {attention_kernel(model_config, card)}",
-             f"calibration activations: on the {plan.activations}", "",
-             "| phase | device | host |", "|---|---:|---:|"]
+             f"calibration activations: on the {plan.activations}"]
+    if plan.zeroshot:
+        lines.append("zero-shot (lm-eval): " + ZEROSHOT_MODES[plan.zeroshot])
+    lines += ["", "| phase | device | host |", "|---|---:|---:|"]
     lines += [f"| {p.phase} | {p.device / GiB:.2f} GiB | {p.host / GiB:.2f} GiB |" for p in plan.phases]
     lines.append("")
     if plan.fits:

@@ -20,7 +20,10 @@ and MLP widths, kv = key/value width, T = tokens of one training batch):
 - on the host, the Python runtime with torch and transformers (RUNTIME_BYTES, measured) and, while a GGUF
   model loads, one transient copy of its weights (the dequantised tensors). A safetensors checkpoint is
   memory-mapped: its pages are reclaimable page cache, not a second copy, so nothing is added for it;
-- learned masks (ebft-mask): the block's dense float32 copy, float32 latent weights and a second mask.
+- learned masks (ebft-mask): the block's dense float32 copy, float32 latent weights and a second mask;
+- zero-shot scoring (lm-eval, when tasks are set): one batch of 8 requests of up to 1024 tokens (zeroshot.BATCH,
+  PLANNED_TOKENS) with its logits over the vocabulary, beside the whole model on the device when both fit
+  (:func:`zeroshot_placement`), else beside what lies outside the blocks and one block streamed from the host.
 ``bench/memory.py`` checks the planner against measurement.
 """
 from __future__ import annotations
@@ -80,6 +83,7 @@ class MemoryPlan:
     phases: tuple[PhasePlan, ...]
     device_capacity: int | None  # bytes the run may use on the device (None on a CPU run)
     host_capacity: int | None
+    zeroshot: str | None = None  # how zero-shot scoring holds the model: "device" or "offload"; None: no tasks
 
     @property
     def peak_device(self) -> int:
@@ -115,7 +119,8 @@ class MemoryPlan:
         if self.device_type != "cpu":
             text += (f", device peak {_gib(self.peak_device)}"
                      + (f" of {_gib(self.device_capacity)}" if self.device_capacity else "")
-                     + f"; calibration activations on the {self.activations}")
+                     + f"; calibration activations on the {self.activations}"
+                     + ("; zero-shot with the blocks offloaded to the host" if self.zeroshot == "offload" else ""))
         return text
 
     def table(self) -> str:
@@ -146,12 +151,13 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
     if not on_gpu:
         choice = "host"
     elif choice == "auto":
-        trial = _phases(s, config, precision, "device", calib_cached, gguf)
+        trial = _phases(s, config, precision, "device", calib_cached, gguf, device_capacity)
         fits = device_capacity is None or max(p.device for p in trial) <= device_capacity * DEVICE_HEADROOM
         choice = "device" if fits else "host"
-    phases = _phases(s, config, precision, choice, calib_cached, gguf)
+    phases = _phases(s, config, precision, choice, calib_cached, gguf, device_capacity)
     return MemoryPlan(device_type=precision.device.type, activations=choice, phases=tuple(phases),
-                      device_capacity=device_capacity, host_capacity=host_capacity)
+                      device_capacity=device_capacity, host_capacity=host_capacity,
+                      zeroshot=_zeroshot_mode(s, precision, device_capacity) if config.eval.zeroshot else None)
 
 
 def zeroshot_batch_bytes(s: Shape, p: Precision) -> int:
@@ -172,6 +178,12 @@ def zeroshot_placement(model_bytes: int, device_capacity: int | None, batch_byte
     if device_capacity is None or model_bytes + batch_bytes <= device_capacity * DEVICE_HEADROOM:
         return "device"
     return "offload"
+
+
+def _zeroshot_mode(s: Shape, p: Precision, device_capacity: int | None) -> str:
+    on_gpu = p.device.type != "cpu"
+    return zeroshot_placement(s.params * p.storage.itemsize, device_capacity if on_gpu else None,
+                              zeroshot_batch_bytes(s, p))
 
 
 @dataclass(frozen=True)
@@ -205,7 +217,8 @@ def _inference(s: Shape, tokens: int) -> int:
     return tokens * (4 * (4 * s.hidden + 2 * s.kv) + 4 * 3 * s.intermediate)
 
 
-def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool) -> list[PhasePlan]:
+def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: bool, gguf: bool,
+            device_capacity: int | None) -> list[PhasePlan]:
     sb = p.storage.itemsize
     h, pb = s.hidden, s.block_params
     model = s.params * sb
@@ -217,6 +230,8 @@ def _phases(s: Shape, cfg: RunConfig, p: Precision, acts: str, calib_cached: boo
                hessian_bytes={m: _hessian_bytes(s, m, cfg) for m in set(cfg.baselines) | {cfg.prune.method}})
     phases = [PhasePlan("load", 0, RUNTIME_BYTES + model + (model if gguf else 0), {"model": model}),
               _data_phase(run, calib_cached), _eval_phase(run)]
+    if cfg.eval.zeroshot:
+        phases.append(_zeroshot_phase(run, device_capacity))
     if cfg.prune.structured:
         phases.append(_importance_phase(run))
     phases.append(_prune_phase(run))
@@ -248,6 +263,18 @@ def _eval_phase(r: _Run) -> PhasePlan:
     return PhasePlan("eval", eval_dev if r.on_gpu else 0,
                      r.base + eval_hidden + (0 if r.on_gpu else r.inference(EVAL_BATCH * eval_seqlen)),
                      {"hidden states": eval_hidden})
+
+
+def _zeroshot_phase(r: _Run, device_capacity: int | None) -> PhasePlan:
+    """lm-eval's tasks as phases.zero_shot runs them: in the mode :func:`zeroshot_placement` picks, the whole
+    model and a batch on the device, or (offload) what lies outside the blocks (embeddings, final norm, head),
+    one block's weights and a batch; the host keeps the model either way. On the CPU it is all host memory."""
+    s, batch = r.s, zeroshot_batch_bytes(r.s, r.p)
+    if not r.on_gpu:
+        return PhasePlan("zeroshot", 0, r.base + batch, {"lm-eval batch": batch})
+    whole = _zeroshot_mode(s, r.p, device_capacity) == "device"
+    weights = r.model if whole else (s.params - (s.layers - 1) * s.block_params) * r.sb
+    return PhasePlan("zeroshot", weights + batch, r.base, {"weights": weights, "lm-eval batch": batch})
 
 
 def _importance_phase(r: _Run) -> PhasePlan:

@@ -63,3 +63,15 @@ def test_a_local_model_folder_is_planned_from_its_config(tiny_model_dir):
     out = io.StringIO()
     assert main(["plan", "--model", str(tiny_model_dir), "--gpu", "a100-40"], out=out) == 0
     assert "2 blocks" in out.getvalue() and "verdict: fits" in out.getvalue()
+
+
+def test_zero_shot_tasks_add_their_phase_and_say_how_the_model_is_held():
+    """Llama-3-8B (14.96 GiB in float16) cannot go whole to a T4 for lm-eval: its blocks stream and it fits;
+    LLaMA-7B goes whole to an A100; without tasks there is no zero-shot phase."""
+    code, text = _plan("--gpu", "t4", "--model", "meta-llama/Meta-Llama-3-8B", "--zeroshot", "boolq,hellaswag")
+    assert code == 0 and "zero-shot (lm-eval): blocks offloaded to host memory" in text
+    assert "| zeroshot | 10.23 GiB | 15.43 GiB |" in text
+    code, text = _plan("--gpu", "a100-40", "--zeroshot", "boolq")
+    assert code == 0 and "zero-shot (lm-eval): the whole model on the device" in text
+    assert "| zeroshot | 15.90 GiB |" in text
+    assert "zero" not in _plan("--gpu", "t4")[1]

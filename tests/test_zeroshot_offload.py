@@ -1,20 +1,31 @@
-"""Zero-shot on a device too small for the whole model: the decision (planner.zeroshot_placement) and the offloaded
-path (zeroshot.placed) scoring exactly what the plain path scores, then handing the model back as it was."""
+"""Zero-shot on a device too small for the whole model: the decision (planner.zeroshot_placement), its phase in the
+memory plan, and the offloaded path (zeroshot.placed) scoring exactly what the plain path scores, then handing the
+model back as it was."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
+from ebft_engine import RunConfig
 from ebft_engine.device import Precision
 from ebft_engine.models import byte_tokenizer
-from ebft_engine.planner import DEVICE_HEADROOM, GiB, Shape, zeroshot_batch_bytes, zeroshot_placement
+from ebft_engine.planner import DEVICE_HEADROOM, GiB, Shape, plan_memory, zeroshot_batch_bytes, zeroshot_placement
+from ebft_engine.remedies import ZEROSHOT_FIX, remedy
 from ebft_engine.zeroshot import harness, placed, without_kv_cache
 
 T4 = 15 * GiB
 CUDA_FP16 = Precision(torch.device("cuda"), torch.float16, torch.float16)  # a T4: no native bf16
 LLAMA_3_8B = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
+LLAMA_7B = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       vocab_size=32000, max_position_embeddings=2048)
+TASKS = {"eval.zeroshot": "boolq,hellaswag"}
+
+
+@pytest.fixture
+def paper():
+    return RunConfig.from_yaml("assets/presets/llama-7b-paper.yaml")
 
 
 def test_the_whole_model_goes_to_the_device_only_when_it_fits_beside_the_batch():
@@ -25,6 +36,40 @@ def test_the_whole_model_goes_to_the_device_only_when_it_fits_beside_the_batch()
     llama_3 = Shape.of(LLAMA_3_8B).params * 2  # 14.96 GiB in float16: more than a T4 gives with any batch
     assert zeroshot_placement(llama_3, T4, 0) == "offload"
     assert zeroshot_placement(llama_3, 40 * GiB, zeroshot_batch_bytes(Shape.of(LLAMA_3_8B), CUDA_FP16)) == "device"
+
+
+def test_a_zeroshot_phase_is_planned_only_when_tasks_are_set(paper):
+    plain = plan_memory(LLAMA_7B, paper, CUDA_FP16, device_capacity=T4)
+    assert "zeroshot" not in {p.phase for p in plain.phases} and plain.zeroshot is None
+    scored = plan_memory(LLAMA_7B, paper.with_overrides(TASKS), CUDA_FP16, device_capacity=T4)
+    assert scored.phase("zeroshot") and scored.zeroshot in ("device", "offload")
+    assert [p.phase for p in scored.phases if p.phase != "zeroshot"] == [p.phase for p in plain.phases]
+
+
+def test_offloaded_zeroshot_holds_one_block_beside_the_batch_not_the_whole_model(paper):
+    """Llama-3-8B on a T4: the whole model cannot go to the device, so the blocks stream; the device holds what
+    lies outside the blocks (embeddings, head, final norm), one block's weights and lm-eval's batch."""
+    shape, config = Shape.of(LLAMA_3_8B), paper.with_overrides(TASKS)
+    plan = plan_memory(LLAMA_3_8B, config, CUDA_FP16, device_capacity=T4)
+    phase, batch = plan.phase("zeroshot"), zeroshot_batch_bytes(shape, CUDA_FP16)
+    outside = (shape.params - shape.layers * shape.block_params) * 2
+    assert plan.zeroshot == "offload" and "blocks offloaded to the host" in plan.summary()
+    assert phase.device == outside + shape.block_params * 2 + batch and phase.parts["lm-eval batch"] == batch
+    assert phase.parts["weights"] < shape.params * 2 / 6  # 2.36 GiB of weights, not the whole model's 14.96
+    assert batch > 8 * 1024 * shape.vocab * (2 + 4)  # the batch's fp16 logits and their float32 log-softmax
+    assert phase.host == plan.phase("prune").host  # the model stays on the host, with nothing added
+    assert plan.fits  # a 16 GB card scores Llama-3-8B
+    big = plan_memory(LLAMA_3_8B, config, CUDA_FP16, device_capacity=80 * GiB)
+    assert big.zeroshot == "device" and big.phase("zeroshot").device == shape.params * 2 + batch
+    cpu = plan_memory(LLAMA_3_8B, config, Precision(torch.device("cpu"), torch.bfloat16, torch.bfloat16))
+    assert cpu.phase("zeroshot").device == 0 and cpu.phase("zeroshot").host > shape.params * 2
+
+
+def test_a_device_too_small_even_to_stream_is_told_to_drop_zeroshot_not_to_shrink_ebft(paper):
+    config = paper.with_overrides({**TASKS, "ebft.epochs": 0})
+    plan = plan_memory(LLAMA_3_8B, config, CUDA_FP16, device_capacity=8 * GiB)
+    assert not plan.fits and "the zeroshot phase" in plan.problem
+    assert remedy(plan, LLAMA_3_8B, config, CUDA_FP16) == ZEROSHOT_FIX
 
 
 PAIRS = [("The sky is", " blue"), ("Fire is", " hot"), ("Water is wet and", " ice is cold"), ("A", " b c d e")]
