@@ -17,8 +17,8 @@ from .config import RunConfig
 from .device import BF16_MIN_CAPABILITY, pick_precision
 from .errors import ConfigError
 from .models import check_architecture, count_params, load_config, resolve_source, restores_from_files
-from .oom import remedy
 from .planner import DEVICE_HEADROOM, GiB, plan_memory
+from .remedies import remedy
 
 MiB = 1024 ** 2
 
@@ -89,6 +89,11 @@ def _model_config(source):
     return config, f"; its shape from {shipped.relative_to(SHIPPED_CONFIGS.parents[1])}"
 
 
+ZEROSHOT_MODES = {"device": "the whole model on the device",
+                  "offload": "blocks offloaded to host memory, streamed to the device as they run (the model and "
+                             "lm-eval's batch would not fit)"}
+
+
 def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -> tuple[str, bool]:
     """(the plan as text, whether it fits) for ``config`` on ``card``; reads the model's config only."""
     source = resolve_source(config.model)
@@ -110,8 +115,10 @@ def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -
              + ("" if card.bf16 or compute is None else " with a gradient scaler (no native bf16 before sm80)"),
              f"attention kernel: {attention_kernel(model_config, card)}",
              f"calibration activations: on the {plan.activations}",
-             f"evaluation hidden states: on the {plan.eval_hidden}", "",
-             "| phase | device | host |", "|---|---:|---:|"]
+             f"evaluation hidden states: on the {plan.eval_hidden}"]
+    if plan.zeroshot:
+        lines.append("zero-shot (lm-eval): " + ZEROSHOT_MODES[plan.zeroshot])
+    lines += ["", "| phase | device | host |", "|---|---:|---:|"]
     lines += [f"| {p.phase} | {p.device / GiB:.2f} GiB | {p.host / GiB:.2f} GiB |" for p in plan.phases]
     lines.append("")
     if plan.fits:

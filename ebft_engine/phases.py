@@ -18,8 +18,8 @@ from .identity import check_same_model, model_identity, read_identity, write_ide
 from .models import (adapter_for, restores_from_files, count_params, load_config, load_model_cached, read_structure, resolve_source,
                      save_structure)
 from .models.attention import REPEAT_KV, attention_for
-from .oom import remedy
-from .planner import GiB, capacities, plan_memory
+from .planner import GiB, Shape, capacities, plan_memory, zeroshot_batch_bytes, zeroshot_placement
+from .remedies import remedy
 from .sparsity import structured as st
 from .summary import CalibInfo, EvalInfo, MemoryPlanInfo, PrecisionInfo, dtype_name
 
@@ -71,7 +71,6 @@ def _plan(run, model_config) -> Notice:
 def _check_disk(run, model_config) -> None:
     """The checkpoints of one variant must fit in the runs folder: refuse now rather than at block 20."""
     from .checkpoint import estimate_bytes
-    from .planner import Shape
 
     shape = Shape.of(model_config)
     need = estimate_bytes(shape.layers * shape.block_params, run.precision.storage.itemsize,
@@ -129,23 +128,29 @@ def evaluate(run, label: str) -> Iterator[Event]:
     run.summary.ppl[label] = res.ppl
     run.write_summary()  # a finished number survives a crash
     yield EvalFinished(label=label, ppl=res.ppl, source=run.config.eval.source, seqlen=res.seqlen,
-                       windows=res.windows, tokens=res.tokens, partial=res.partial, seconds=time.perf_counter() - started)
+                       windows=res.windows, tokens=res.tokens, partial=res.partial,
+                       seconds=time.perf_counter() - started)
 
 
 def zero_shot(run, label: str) -> Iterator[Event]:
-    """lm-eval's tasks on the model as it is now, the whole model on the device for the duration."""
+    """lm-eval's tasks on the model as it is now: the whole model on the device when it fits there beside lm-eval's
+    batch, else its blocks streamed from host memory (planner.zeroshot_placement); back on the host afterwards."""
     from . import zeroshot
 
     ev, p = run.config.eval, run.precision
     run.stage, run.where = "zeroshot", f"the zero-shot evaluation of {label}"
     started = time.perf_counter()
-    try:
-        run.model.to(p.device)
-        with p.autocast():
-            results = zeroshot.evaluate(run.model, run.tokenizer, ev.zeroshot, str(p.device),
-                                        include=ev.zeroshot_include, limit=ev.zeroshot_limit)
-    finally:
-        run.model.to("cpu")
+    weights = sum(t.numel() * t.element_size() for t in run.model.parameters())
+    batch = zeroshot_batch_bytes(Shape.of(run.model_config), p)
+    capacity = run.plan.device_capacity  # None on a CPU run: the model stays where it is
+    offload = zeroshot_placement(weights, capacity, batch) == "offload"
+    if offload and not run.summary.zeroshot:  # said once per run
+        yield Notice("info", f"zero-shot: the model ({weights / GiB:.2f} GiB) and lm-eval's batch ({batch / GiB:.2f} "
+                             f"GiB) do not fit the device's {capacity / GiB:.2f} GiB: its blocks stay in host memory "
+                             "and stream to the device as they run (slower)")
+    with zeroshot.placed(run.model, run.adapter.blocks, p.device, offload=offload), p.autocast():
+        results = zeroshot.evaluate(run.model, run.tokenizer, ev.zeroshot, include=ev.zeroshot_include,
+                                    limit=ev.zeroshot_limit)
     run.summary.zeroshot[label] = results
     run.write_summary()
     yield ZeroShotFinished(label=label, results=results, limit=ev.zeroshot_limit, seconds=time.perf_counter() - started)

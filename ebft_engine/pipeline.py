@@ -21,7 +21,7 @@ from .errors import Cancelled, ConfigError, EbftError
 from .events import Event, Notice, RunFinished, RunStarted
 from .identity import check_same_model, model_identity, read_identity
 from .models import load_config, resolve_source
-from .oom import is_out_of_memory
+from .remedies import is_out_of_memory
 from .record import RunRecord, new_run_id, read_summary, status_of
 from .runner import Run
 from .summary import RunError

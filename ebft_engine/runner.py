@@ -21,12 +21,12 @@ from .errors import EbftError
 from .events import Event, Notice, PhaseFinished, PhaseStarted
 from .loop import BlockMasks, Variant, VariantTally, block_loop
 from .models import FileBackedBlocks, restore_blocks
-from .oom import oom_remedy
 from .planner import GiB
 from .pruners import make_pruner
 from .record import RunRecord, load_summary_file, write_json_atomic
 from .summary import BlockRow, DeadChannels, RunSummary
 from .recoveries import make_recovery
+from .remedies import oom_remedy
 from .sparsity import structured as st
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Run:
         # everything measured (a resumed run's numbers carried over from ``previous``): summary.json's content
         self.summary = RunSummary.start(record.dir.name, config.to_dict(), previous)
         self.precision = self.model_config = self.plan = self.adapter = self.dense = self._kwargs = None
-        # what the run is doing, for a message if memory runs out: the stage picks the remedy (oom.oom_remedy)
+        # what the run is doing, for a message if memory runs out: the stage picks the remedy (remedies.oom_remedy)
         self.stage, self.where = "start", "starting"
         self.finished_summary: dict[str, Any] | None = None
         self.json_out_note: str | None = None  # why --json-out was not written, for the last notice

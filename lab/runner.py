@@ -205,8 +205,8 @@ def plan_text_for(config: RunConfig, card: str) -> str:
     from ebft_engine.cards import CARDS, plan_text
     from ebft_engine.device import pick_device, pick_precision
     from ebft_engine.models import count_params, load_config, resolve_source
-    from ebft_engine.oom import remedy
     from ebft_engine.planner import capacities, plan_memory
+    from ebft_engine.remedies import remedy
 
     if card in CARDS:
         text, _fits = plan_text(config, CARDS[card])

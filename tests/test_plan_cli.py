@@ -73,3 +73,14 @@ def test_the_evaluation_states_stay_on_the_host_when_the_card_has_no_room():
     assert "evaluation hidden states: on the host" in text
     assert "| eval | 2.60 GiB | 17.02 GiB |" in text  # the model and 4 GiB pinned for 2.59 GiB of states
 
+
+def test_zero_shot_tasks_add_their_phase_and_say_how_the_model_is_held():
+    """Llama-3-8B (14.96 GiB in float16) cannot go whole to a T4 for lm-eval: its blocks stream and it fits;
+    LLaMA-7B goes whole to an A100; without tasks there is no zero-shot phase."""
+    code, text = _plan("--gpu", "t4", "--model", "meta-llama/Meta-Llama-3-8B", "--zeroshot", "boolq,hellaswag")
+    assert code == 0 and "zero-shot (lm-eval): blocks offloaded to host memory" in text
+    assert "| zeroshot | 10.48 GiB | 15.43 GiB |" in text  # with the repeated keys and values of a T4 (0.25 GiB)
+    code, text = _plan("--gpu", "a100-40", "--zeroshot", "boolq")
+    assert code == 0 and "zero-shot (lm-eval): the whole model on the device" in text
+    assert "| zeroshot | 15.90 GiB |" in text
+    assert "zero" not in _plan("--gpu", "t4")[1]

@@ -8,8 +8,8 @@ from transformers import LlamaConfig
 
 from ebft_engine import RunConfig
 from ebft_engine.device import Precision
-from ebft_engine.oom import suggestion
 from ebft_engine.planner import GiB, Shape, eval_hidden_placement, plan_memory
+from ebft_engine.remedies import suggestion
 
 GPU16 = 16 * 10 ** 9
 CUDA_BF16 = Precision(torch.device("cuda"), torch.bfloat16, torch.bfloat16)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ebft_engine import run
+from ebft_engine import phases, run, zeroshot
 
 QUESTIONS = [("The sky is", [" blue", " banana"], 0), ("Fire is", [" cold", " hot"], 1),
              ("Water is", [" wet", " dry"], 0), ("Ice is", [" warm", " cold"], 1), ("Grass is", [" green", " loud"], 0)]
@@ -63,3 +63,27 @@ def test_missing_and_unknown_tasks_are_named_before_any_pruning(tiny_run_config,
     unknown = list(run(config.with_overrides({"eval.zeroshot": "boolqq"})))
     (error,) = [e.text for e in unknown if e.kind == "notice" and e.level == "error"]
     assert "unknown lm-eval task 'boolqq'" in error
+
+
+def test_a_device_too_small_for_the_model_streams_its_blocks_and_every_number_stays(tiny_run_config, local_task,
+                                                                                    monkeypatch):
+    """A device that cannot take the whole model beside lm-eval's batch (1 MiB here; the CPU stands in for it)
+    gets the blocks streamed from host memory: the accuracies are the plain run's, and so is every perplexity
+    measured after a zero-shot phase, the model having come back as it was."""
+    config = tiny_run_config.with_overrides({"eval.zeroshot": "tiny_qa", "eval.zeroshot_include": str(local_task)})
+    plain = list(run(config))[-1].summary
+    monkeypatch.setattr(phases, "capacities", lambda device: (1024 ** 2, None))
+    modes, placed = [], zeroshot.placed
+
+    def spy(model, blocks, device, *, offload):
+        modes.append(offload)
+        return placed(model, blocks, device, offload=offload)
+
+    monkeypatch.setattr(zeroshot, "placed", spy)
+    events = list(run(config))
+    streamed = events[-1].summary
+    assert streamed["status"] == "finished", [e for e in events if e.kind == "notice"]
+    (note,) = [e.text for e in events if e.kind == "notice" and e.text.startswith("zero-shot:")]
+    assert "do not fit the device's 0.00 GiB: its blocks stay in host memory" in note
+    assert list(streamed["zeroshot"]) == ["dense", "ebft"] and streamed["zeroshot"] == plain["zeroshot"]
+    assert modes == [True, True] and streamed["ppl"] == plain["ppl"]
