@@ -21,9 +21,8 @@ from . import policy, tables
 from .controls import Controls
 from .panels.actions import THIS_MACHINE
 from .panels.results import results_for
+from .policy import ZERO_GPU_SECONDS  # the slot a run within the Space's bounds fits (lab/policy.py)
 from .state import RunView, Throttle
-
-ZERO_GPU_SECONDS = 300  # the longest run the Space's bounds allow (lab/policy.py), with room to spare
 
 _cancel: dict[str, threading.Event] = {}  # session -> its Stop flag (never the model: that stays in the engine)
 _lock = threading.Lock()
