@@ -39,33 +39,6 @@ def test_spaces_file_refusal_offers_only_the_fields_own_sources(field):
         policy.check(config.with_overrides({field: value}), spaces=True)  # valid for the field, and on the Space
 
 
-# The shapes of two hub models' configs (their config.json, without the network): SmolLM2-135M has 134.5M
-# parameters, SmolLM2-360M 361.8M.
-HUB_SHAPES = {"HuggingFaceTB/SmolLM2-135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                                 num_attention_heads=9, num_key_value_heads=3),
-              "HuggingFaceTB/SmolLM2-360M": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
-                                                 num_attention_heads=15, num_key_value_heads=5)}
-
-
-@pytest.fixture
-def hub_configs(monkeypatch):
-    """The policy reads a hub model's config.json: here from HUB_SHAPES, any other id as one not found."""
-    from transformers import LlamaConfig
-
-    from ebft_engine import ModelLoadError
-
-    real = policy.load_config
-
-    def load_config(source):
-        if source.path in HUB_SHAPES:
-            return LlamaConfig(vocab_size=49152, tie_word_embeddings=True, **HUB_SHAPES[source.path])
-        if "/" in source.path and not source.gguf_file:
-            raise ModelLoadError(f"model: cannot read {source.path!r} from the hub; check the id")
-        return real(source)
-
-    monkeypatch.setattr(policy, "load_config", load_config)
-
-
 def test_spaces_accepts_presets_and_hub_ids(hub_configs):
     config = load_preset("smollm2-spaces")
     assert policy.check(config, spaces=True) is config
@@ -75,21 +48,21 @@ def test_spaces_accepts_presets_and_hub_ids(hub_configs):
     assert policy.check(local, spaces=False) is local  # a workstation allows it all
 
 
-@pytest.mark.parametrize("zero_gpu,slot", [(False, "15 minutes on its 2 CPU cores"), (True, "300 s GPU slot")])
-def test_spaces_refuses_a_model_too_large_to_finish(hub_configs, monkeypatch, zero_gpu, slot):
+@pytest.mark.parametrize("gpu,slot", [(False, "15 minutes on its 2 CPU cores"), (True, "300 s GPU slot")])
+def test_spaces_refuses_a_model_too_large_to_finish(hub_configs, monkeypatch, gpu, slot):
     """The bound is counted from the model's config (no weight read): SmolLM2-135M is under it, SmolLM2-360M over
     it, in one line naming the field, the count, the Space's time and the fix."""
     monkeypatch.setenv("SPACE_ID", "someone/ebft-lab")
-    monkeypatch.setenv("SPACES_ZERO_GPU", "true" if zero_gpu else "")
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true" if gpu else "")
     assert policy.SPACES_MAX_PARAMS > 134_515_008  # SmolLM2-135M, the Space's own preset model
     config = load_preset("smollm2-spaces").with_overrides({"model": "HuggingFaceTB/SmolLM2-360M"})
     with pytest.raises(ConfigError) as info:
         policy.check(config)
     assert info.value.field == "model"
     assert str(info.value) == (f"model: HuggingFaceTB/SmolLM2-360M has 362M parameters, more than this Space runs "
-                               f"(144M: a larger run would not finish within {'the ' if zero_gpu else ''}{slot}); "
+                               f"(144M: a larger run would not finish within {'the ' if gpu else ''}{slot}); "
                                "pick smollm2-135m or a hub model of at most 144M parameters, or run the lab locally")
-    with pytest.raises(EbftError, match="cannot read 'nobody/nothing' from the hub"):  # refused before any run
+    with pytest.raises(EbftError, match="cannot read 'nobody/nothing' from the hub"):  # the engine's sentence
         policy.check(config.with_overrides({"model": "nobody/nothing"}))
 
 
