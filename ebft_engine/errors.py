@@ -19,6 +19,11 @@ class ConfigError(EbftError, ValueError):
         self.field, self.problem, self.fix = field, problem, fix
         super().__init__(f"{field}: {problem}; {fix}")
 
+    def __reduce__(self):
+        """Pickle by the three parts (Exception's default pickles the one sentence, which __init__ cannot take
+        back): so the error survives a process boundary (multiprocessing, a ZeroGPU worker) whole."""
+        return type(self), (self.field, self.problem, self.fix)
+
 
 class ModelLoadError(EbftError):
     """The model could not be loaded, or its architecture is not supported."""

@@ -30,7 +30,7 @@ def build_app() -> gr.Blocks:
                     with gr.Column(scale=1, min_width=320):
                         preset = create_preset_panel(DEFAULT_PRESET)
                         controls = Controls(create_setup_panels(load_preset(DEFAULT_PRESET), policy.on_spaces()))
-                        actions = create_actions_panel()
+                        actions = create_actions_panel(policy.on_zero_gpu())
                     with gr.Column(scale=2):
                         results = create_results_panel()
             with gr.Tab("History") as history_tab:
@@ -56,9 +56,10 @@ def _wire(tabs: gr.Tabs, preset: dict, controls: Controls, actions: dict, result
                                    api_name="run", show_progress="hidden")
     step_evt = actions["step"].click(setup.step_run, controls.inputs, outputs, concurrency_id=GPU,
                                      concurrency_limit=1, api_name="step", show_progress="hidden")
-    # On ZeroGPU the run lives in a worker process the Stop flag cannot reach: there Stop also cancels the event.
+    # On ZeroGPU the run lives in a worker process the Stop flag cannot reach: there Stop also cancels the event
+    # (a Step click in flight too: its run stops as cancelled in its folder).
     actions["stop"].click(runner.stop_run, None, results["notices"], queue=False, api_name="stop",
-                          cancels=[run_evt] if policy.on_zero_gpu() else None)
+                          cancels=[run_evt, step_evt] if policy.on_zero_gpu() else None)
     actions["export"].click(setup.export_yaml, controls.inputs, [actions["yaml_file"], actions["yaml_note"]],
                             api_name="export_yaml")
     actions["plan"].click(setup.plan_run, controls.inputs | {actions["plan_card"]}, actions["plan_text"],

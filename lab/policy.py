@@ -6,11 +6,31 @@ from pathlib import Path
 
 from ebft_engine import ConfigError, RunConfig
 from ebft_engine.config import CALIB_SOURCES, EVAL_SOURCES
+from ebft_engine.models import count_params, load_config, resolve_source
 
 PRESET_MODELS = ("smollm2-135m", "tiny-random")
 # Bounds on a Space (2 CPU cores, shared by every visitor): a run ends in minutes.
 SPACES_LIMITS = {"calib.nsamples": 64, "calib.seqlen": 512, "ebft.epochs": 4, "eval.windows": 16,
                  "eval.seqlen": 1024}
+ZERO_GPU_SECONDS = 300  # the GPU slot of one job on ZeroGPU (spaces.GPU's duration, lab/runner.py)
+SPACES_CPU_SECONDS = 900  # the longest a visitor of a CPU Space waits for a run at SPACES_LIMITS
+
+# The largest model a Space runs, in parameters, counted from the model's config before any weight is read.
+# Measured (README, Performance): the smollm2-demo preset, SmolLM2-135M (134,515,008 parameters), end to end on
+# 2 CPU cores in 255 s = load 38 + three evaluations 57 + Wanda 31 + EBFT 129, with 32 x 512 calibration tokens,
+# 2 epochs and 16 x 1024 evaluation tokens. SPACES_LIMITS allow 64 samples and 4 epochs: Wanda's pass takes
+# twice as long, EBFT four times as many steps, the rest the same: 38 + 57 + 2 * 31 + 4 * 129 = 673 s. Runs of
+# the demo took 239-311 s (this machine's speed varies between runs): x1.25 for that, 841 s, 6.25 us per
+# parameter, since every phase pushes its tokens through every weight.
+#  - CPU Space: 900 s / 6.25 us = 143.9M parameters (SmolLM2-135M fits; SmolLM2-360M's 362M would take ~38 min).
+#  - ZeroGPU: a 143.9M-parameter run at the limits takes 900 s on 2 CPU cores, of which the load (51 s) is no
+#    faster on a GPU; the other 849 s must fit the 249 s left of the 300 s slot, so the GPU must do the matrix
+#    products 3.4x as fast as 2 CPU cores (measured bf16 peak 0.66-1.1 TFLOP/s). No GPU run has been measured in
+#    this project yet; any data-centre GPU has over a hundred times that peak, so the CPU-derived bound also
+#    keeps a ZeroGPU run inside its slot. (A measured GPU run could raise the bound there.)
+DEMO_PARAMS = 134_515_008
+SECONDS_PER_PARAM = (38 + 57 + 2 * 31 + 4 * 129) * 1.25 / DEMO_PARAMS  # at SPACES_LIMITS, on 2 CPU cores
+SPACES_MAX_PARAMS = int(SPACES_CPU_SECONDS / SECONDS_PER_PARAM)
 
 
 def on_spaces() -> bool:
@@ -33,6 +53,7 @@ def check(config: RunConfig, spaces: bool | None = None) -> RunConfig:
     _check_local_paths(config)
     _check_zeroshot(config)
     _check_sizes(config)
+    _check_params(config)  # last: it reads the model's config (from the hub for a hub id)
     return config
 
 
@@ -70,6 +91,19 @@ def _check_sizes(config: RunConfig) -> None:
         if value is not None and value > limit:
             raise ConfigError(name, f"{value} is above this Space's limit of {limit}",
                               f"use at most {limit}, or run the lab locally")
+
+
+def _check_params(config: RunConfig) -> None:
+    """Refuse a model too large to finish on this Space (SPACES_MAX_PARAMS). Reads the model's config only; a
+    model whose config cannot be read is refused here with the engine's sentence (ModelLoadError)."""
+    n = count_params(load_config(resolve_source(config.model)))
+    if n > SPACES_MAX_PARAMS:
+        slot = (f"the {ZERO_GPU_SECONDS} s GPU slot" if on_zero_gpu()
+                else f"{SPACES_CPU_SECONDS // 60} minutes on its 2 CPU cores")
+        raise ConfigError("model", f"{config.model} has {n / 1e6:.0f}M parameters, more than this Space runs "
+                          f"({SPACES_MAX_PARAMS / 1e6:.0f}M: a larger run would not finish within {slot})",
+                          f"pick smollm2-135m or a hub model of at most {SPACES_MAX_PARAMS / 1e6:.0f}M parameters, "
+                          "or run the lab locally")
 
 
 def server_options(env: dict[str, str] | None = None) -> dict[str, object]:

@@ -36,6 +36,18 @@ def test_bad_values_name_field_and_fix(overrides, field, words):
     assert info.value.fix  # every error says what to do
 
 
+def test_a_config_error_survives_pickling_whole():
+    """It crosses process boundaries (multiprocessing, a ZeroGPU worker): the default pickling of an exception
+    re-calls __init__ with the one sentence, which ConfigError's three parts cannot take."""
+    import pickle
+
+    with pytest.raises(ConfigError) as info:
+        RunConfig().with_overrides({"prune.sparsity": 1.0})
+    again = pickle.loads(pickle.dumps(info.value))
+    assert type(again) is ConfigError and str(again) == str(info.value)
+    assert (again.field, again.problem, again.fix) == (info.value.field, info.value.problem, info.value.fix)
+
+
 def test_unknown_key_is_rejected_with_the_known_ones():
     with pytest.raises(ConfigError, match="prune.sparsty: is not a known field.*sparsity"):
         RunConfig.from_dict({"prune": {"sparsty": 0.5}})

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ebft_engine import ConfigError
+from ebft_engine import ConfigError, EbftError
 from lab import policy
 from lab.controls import config_to_values, values_to_config
 from lab.panels.preset import load_preset, preset_names
@@ -39,12 +39,41 @@ def test_spaces_file_refusal_offers_only_the_fields_own_sources(field):
         policy.check(config.with_overrides({field: value}), spaces=True)  # valid for the field, and on the Space
 
 
-def test_spaces_accepts_presets_and_hub_ids():
+def test_spaces_accepts_presets_and_hub_ids(hub_configs):
     config = load_preset("smollm2-spaces")
     assert policy.check(config, spaces=True) is config
-    policy.check(config.with_overrides({"model": "HuggingFaceTB/SmolLM2-360M"}), spaces=True)
-    local = load_preset("smollm2-demo").with_overrides({"save_model": "out"})
+    policy.check(config.with_overrides({"model": "tiny-random"}), spaces=True)
+    policy.check(config.with_overrides({"model": "HuggingFaceTB/SmolLM2-135M"}), spaces=True)
+    local = load_preset("smollm2-demo").with_overrides({"save_model": "out", "model": "HuggingFaceTB/SmolLM2-360M"})
     assert policy.check(local, spaces=False) is local  # a workstation allows it all
+
+
+@pytest.mark.parametrize("gpu,slot", [(False, "15 minutes on its 2 CPU cores"), (True, "300 s GPU slot")])
+def test_spaces_refuses_a_model_too_large_to_finish(hub_configs, monkeypatch, gpu, slot):
+    """The bound is counted from the model's config (no weight read): SmolLM2-135M is under it, SmolLM2-360M over
+    it, in one line naming the field, the count, the Space's time and the fix."""
+    monkeypatch.setenv("SPACE_ID", "someone/ebft-lab")
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true" if gpu else "")
+    assert policy.SPACES_MAX_PARAMS > 134_515_008  # SmolLM2-135M, the Space's own preset model
+    config = load_preset("smollm2-spaces").with_overrides({"model": "HuggingFaceTB/SmolLM2-360M"})
+    with pytest.raises(ConfigError) as info:
+        policy.check(config)
+    assert info.value.field == "model"
+    assert str(info.value) == (f"model: HuggingFaceTB/SmolLM2-360M has 362M parameters, more than this Space runs "
+                               f"(144M: a larger run would not finish within {'the ' if gpu else ''}{slot}); "
+                               "pick smollm2-135m or a hub model of at most 144M parameters, or run the lab locally")
+    with pytest.raises(EbftError, match="cannot read 'nobody/nothing' from the hub"):  # the engine's sentence
+        policy.check(config.with_overrides({"model": "nobody/nothing"}))
+
+
+def test_the_parameter_bound_is_the_measured_arithmetic():
+    """lab/policy.py's comment, recomputed: the demo's measured phases scaled to SPACES_LIMITS, x1.25, into 900 s."""
+    at_limits = (38 + 57 + 2 * 31 + 4 * 129) * 1.25
+    assert at_limits == 841.25
+    assert policy.SPACES_MAX_PARAMS == int(policy.SPACES_CPU_SECONDS * 134_515_008 / at_limits) == 143_909_072
+    load = 38 * 1.25 * policy.SPACES_MAX_PARAMS / 134_515_008  # no faster on a GPU
+    speedup_needed = (policy.SPACES_CPU_SECONDS - load) / (policy.ZERO_GPU_SECONDS - load)
+    assert speedup_needed < 3.5  # what a ZeroGPU run of the largest allowed model asks of the GPU
 
 
 def _control_paths() -> list[str]:
