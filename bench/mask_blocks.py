@@ -1,9 +1,9 @@
 """Learned masks against fixed masks, one SmolLM2 block at a time: each block's real inputs (the dense model's
-stream over the cached self-calibration set), Wanda's masks, EBFT with the demo preset's settings (2 epochs,
+stream over the cached self-calibration set), Wanda's masks (or SparseGPT's, with its weight update), EBFT with the demo preset's settings (2 epochs,
 lr 3e-3, batch 8), and the block's final reconstruction MSE on its calibration data for fixed-mask EBFT and for
 ebft-mask's schedule (ebft_engine/finetune/masks.py).
 
-    python bench/mask_blocks.py [--blocks 2,12,24] [--epochs 2] [--settings 2:4,70%]
+    python bench/mask_blocks.py [--blocks 2,12,24] [--epochs 2] [--settings 2:4,70%] [--prior sparsegpt]
 
 Reads the demo preset's self-calibration from the cache (or generates it, slowly). Last line: the median over blocks and
 settings of (learned-mask MSE / fixed-mask MSE), below 1 when learning the masks pays on the block's own loss;
@@ -56,6 +56,7 @@ def main(learner_for=schedule_learner, ap: argparse.ArgumentParser | None = None
     ap.add_argument("--blocks", default="2,12,24")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--settings", default="2:4,70%", help="which of 2:4 and 70%% to run")
+    ap.add_argument("--prior", default="wanda", choices=("wanda", "sparsegpt"), help="the pruner whose masks start")
     args = ap.parse_args()
     blocks_wanted = [int(b) for b in args.blocks.split(",")]
     preset = RunConfig.from_yaml("assets/presets/smollm2-demo.yaml")
@@ -72,10 +73,15 @@ def main(learner_for=schedule_learner, ap: argparse.ArgumentParser | None = None
     for i, dense in enumerate(adapter.blocks):
         if i > max(blocks_wanted):
             break
-        sq = {}
-        hooks = [layer.register_forward_pre_hook(
-            lambda _m, a, n=name: sq.__setitem__(n, sq.get(n, 0) + (a[0].reshape(-1, a[0].shape[-1]).float() ** 2)
-                                                 .sum(0))) for name, layer in adapter.linears(dense).items()]
+        sq, xtx = {}, {}
+
+        def collect(name, a):
+            rows = a.reshape(-1, a.shape[-1]).float()
+            sq[name] = sq.get(name, 0) + (rows ** 2).sum(0)
+            xtx[name] = xtx.get(name, 0) + rows.T @ rows
+
+        hooks = [layer.register_forward_pre_hook(lambda _m, a, n=name: collect(n, a[0]))
+                 for name, layer in adapter.linears(dense).items()]
         with torch.no_grad():
             targets = torch.cat([call(dense, x[j:j + 8]) for j in range(0, x.shape[0], 8)])
         for h in hooks:
@@ -86,11 +92,14 @@ def main(learner_for=schedule_learner, ap: argparse.ArgumentParser | None = None
                 for learned in (False, True):
                     block, masks = copy.deepcopy(dense), {}
                     for name, linear in adapter.linears(block).items():
-                        stats = LayerStats(input_norms=sq[name] / ids.shape[0])
-                        mask = get_method("wanda").fn(linear.weight.data, stats, sparsity, nm).mask
+                        stats = LayerStats(input_norms=sq[name] / ids.shape[0],
+                                           hessian=2 * xtx[name] / ids.shape[0])
+                        result = get_method(args.prior).fn(linear.weight.data, stats, sparsity, nm)
                         with torch.no_grad():
-                            linear.weight.mul_(mask)
-                        masks[linear.weight] = mask
+                            linear.weight.mul_(result.mask)
+                            if result.weight is not None:
+                                linear.weight.copy_(result.weight)
+                        masks[linear.weight] = result.mask
                     t = time.perf_counter()
                     if learned:
                         dense_w = {n: l.weight.detach().clone() for n, l in adapter.linears(dense).items()}
