@@ -84,3 +84,28 @@ def test_zero_shot_tasks_add_their_phase_and_say_how_the_model_is_held():
     assert code == 0 and "zero-shot (lm-eval): the whole model on the device" in text
     assert "| zeroshot | 15.90 GiB |" in text
     assert "zero" not in _plan("--gpu", "t4")[1]
+
+
+def test_a_host_too_small_for_the_model_itself_is_told_how_much_it_needs():
+    """The model and runtime alone take 13.02 GiB: no flag brings LLaMA-7B under 12 GiB, so none is offered."""
+    code, text = _plan("--gpu", "t4", "--host-memory", "12")
+    assert code == 1
+    verdict = text.rstrip().splitlines()[-1]
+    assert verdict.endswith("no setting brings it under 12.00 GiB (the model and the runtime alone take 13.02 GiB): "
+                            "use a machine with at least 13.77 GiB of host memory (this plan's host peak)")
+    assert "--nsamples" not in verdict and "--seqlen" not in verdict and "try" not in verdict
+
+
+@pytest.mark.parametrize("activations,lever", [(None, "--batch-size 4"),
+                                               ("host", "--activations device --batch-size 4")])
+def test_a_short_host_gets_a_lever_that_fits_both_memories(activations, lever):
+    """On a 10 GiB card the activations go to the host (19.77 GiB there); with 16 GiB of RAM the advice is the
+    smaller batch that keeps them on the device, and the plan with that lever fits both."""
+    given = ("--gpu-memory", "10", "--host-memory", "16") + (("--activations", activations) if activations else ())
+    code, text = _plan(*given)
+    assert code == 1 and "calibration activations: on the host" in text
+    verdict = text.rstrip().splitlines()[-1]
+    assert (f"; try {lever} (planned device peak 9.08 GiB, host peak 13.77 GiB), or use a machine with at least "
+            "19.77 GiB of host memory" in verdict)
+    code, text = _plan(*given, *lever.split())
+    assert code == 0 and "calibration activations: on the device" in text
