@@ -43,12 +43,25 @@ CARDS = {
 }
 
 
-def card_named(gpu: str | None, gpu_memory: float | None) -> Card:
+def gib(flag: str, value: str | float | None, example: str) -> float | None:
+    """``--gpu-memory`` / ``--host-memory`` as a positive, finite number of GiB (None when not given); ConfigError
+    naming the flag otherwise (text that is not a number, 0, a negative, nan, inf)."""
+    if value is None:
+        return None
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = float("nan")
+    if not 0 < amount < float("inf"):
+        raise ConfigError(flag, f"{str(value).strip()!r} is not an amount of memory",
+                          f"give a positive number of GiB, e.g. {flag} {example}")
+    return amount
+
+
+def card_named(gpu: str | None, gpu_memory: str | float | None) -> Card:
     """The card for ``--gpu NAME`` or ``--gpu-memory GiB`` (an sm80+ card of that size); ConfigError otherwise."""
+    gpu_memory = gib("--gpu-memory", gpu_memory, "24")
     if gpu_memory is not None:
-        if gpu_memory <= 0:
-            raise ConfigError("gpu-memory", f"{gpu_memory:g} GiB is not a size", "give the card's memory in GiB, "
-                              "e.g. --gpu-memory 24")
         capability = CARDS[gpu].capability if gpu in CARDS else BF16_MIN_CAPABILITY
         return Card(f"a {gpu_memory:g} GiB card" + (f" ({gpu})" if gpu else ""), int(gpu_memory * GiB), capability)
     if gpu is None or gpu not in CARDS:
@@ -94,15 +107,17 @@ ZEROSHOT_MODES = {"device": "the whole model on the device",
                              "lm-eval's batch would not fit)"}
 
 
-def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -> tuple[str, bool]:
-    """(the plan as text, whether it fits) for ``config`` on ``card``; reads the model's config only."""
+def plan_text(config: RunConfig, card: Card, host_memory: str | float | None = None) -> tuple[str, bool]:
+    """(the plan as text, whether it fits) for ``config`` on ``card`` (and ``host_memory`` GiB of RAM, when
+    given); reads the model's config only."""
+    host_memory = gib("--host-memory", host_memory, "32")
     source = resolve_source(config.model)
     model_config, origin = _model_config(source)
     n_params = count_params(model_config)
     precision = pick_precision(torch.device("cuda"), config.dtype, n_params, native_bf16=card.bf16)
     storage, compute = precision.storage, precision.compute
     capacity = card.memory
-    host = int(host_memory * GiB) if host_memory else None
+    host = None if host_memory is None else int(host_memory * GiB)
     plan = plan_memory(model_config, config, precision, device_capacity=capacity, host_capacity=host,
                        gguf=source.gguf_file is not None, from_files=restores_from_files(source),
                        capability=card.capability)

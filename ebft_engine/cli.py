@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "card gets, and a verdict with what to change when it does not fit.")
     pl.add_argument("--config", help="YAML preset, e.g. assets/presets/llama-7b-paper.yaml")
     pl.add_argument("--gpu", help="t4, v100-16, rtx4080-16, a100-40 or h100-80")
-    pl.add_argument("--gpu-memory", type=float, metavar="GIB", help="any other card's memory in GiB (sm80 or newer "
+    pl.add_argument("--gpu-memory", metavar="GIB", help="any other card's memory in GiB (sm80 or newer "
                                                                    "unless --gpu names its kind)")
-    pl.add_argument("--host-memory", type=float, metavar="GIB", help="host RAM in GiB, to check the host peaks too")
+    pl.add_argument("--host-memory", metavar="GIB", help="host RAM in GiB, to check the host peaks too")
     for flag, (_field, _type, help_text) in FLAGS.items():
         pl.add_argument(flag, help=help_text)
     return parser

@@ -109,3 +109,18 @@ def test_a_short_host_gets_a_lever_that_fits_both_memories(activations, lever):
             "19.77 GiB of host memory" in verdict)
     code, text = _plan(*given, *lever.split())
     assert code == 0 and "calibration activations: on the device" in text
+
+
+@pytest.mark.parametrize("flag,value", [("--host-memory", "0"), ("--host-memory", "-3"), ("--host-memory", "nan"),
+                                        ("--gpu-memory", "nan"), ("--gpu-memory", "inf"), ("--gpu-memory", "abc"),
+                                        ("--gpu-memory", "0")])
+def test_a_memory_amount_that_is_not_one_is_one_line_and_exit_2(flag, value, capsys):
+    """0 was silently ignored, -3 planned as "-3.00 GiB is available", nan and inf raised a traceback, and text
+    dumped argparse's usage: each is now the flag, the value and the fix."""
+    given = ["--gpu", "t4"] if flag == "--host-memory" else []
+    out = io.StringIO()
+    assert main(["plan", "--config", PAPER, *given, flag, value], out=out) == 2
+    assert out.getvalue() == ""
+    example = "32" if flag == "--host-memory" else "24"
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {flag}: {value!r} is not an amount of memory; give a positive number of GiB, e.g. {flag} {example}"]
