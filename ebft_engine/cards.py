@@ -111,6 +111,10 @@ def plan_text(config: RunConfig, card: Card, host_memory: str | float | None = N
     """(the plan as text, whether it fits) for ``config`` on ``card`` (and ``host_memory`` GiB of RAM, when
     given); reads the model's config only."""
     host_memory = gib("--host-memory", host_memory, "32")
+    if config.eval.zeroshot:  # as a run refuses it, by name (lm-eval's task index; no data is read)
+        from .zeroshot import check_task_names
+
+        check_task_names(config.eval.zeroshot, config.eval.zeroshot_include)
     source = resolve_source(config.model)
     model_config, origin = _model_config(source)
     n_params = count_params(model_config)

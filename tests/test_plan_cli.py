@@ -124,3 +124,15 @@ def test_a_memory_amount_that_is_not_one_is_one_line_and_exit_2(flag, value, cap
     example = "32" if flag == "--host-memory" else "24"
     assert capsys.readouterr().err.splitlines() == [
         f"error: {flag}: {value!r} is not an amount of memory; give a positive number of GiB, e.g. {flag} {example}"]
+
+
+def test_an_unknown_zero_shot_task_is_refused_by_name_as_a_run_refuses_it(capsys):
+    """The plan read --zeroshot notatask and planned it (exit 0); a run refuses it before any pruning. Names only:
+    lm-eval's task index, no data set read (the known task beside it passes)."""
+    out = io.StringIO()
+    assert main(["plan", "--config", PAPER, "--gpu", "t4", "--zeroshot", "boolq,notatask"], out=out) == 2
+    assert out.getvalue() == ""
+    assert capsys.readouterr().err.splitlines() == [
+        "error: eval.zeroshot: unknown lm-eval task 'notatask'; use lm-eval task names such as boolq, rte, "
+        "hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, or add your task's YAML folder with "
+        "eval.zeroshot_include"]
