@@ -28,6 +28,7 @@ class Card:
     name: str
     memory: int  # bytes
     capability: tuple[int, int]  # CUDA compute capability
+    assumed: bool = False  # --gpu-memory alone: the capability is not known, sm80 is taken
 
     @property
     def bf16(self) -> bool:
@@ -59,15 +60,22 @@ def gib(flag: str, value: str | float | None, example: str) -> float | None:
 
 
 def card_named(gpu: str | None, gpu_memory: str | float | None) -> Card:
-    """The card for ``--gpu NAME`` or ``--gpu-memory GiB`` (an sm80+ card of that size); ConfigError otherwise."""
+    """The card for ``--gpu NAME`` (any case), ``--gpu-memory GiB`` (an sm80+ card of that size, its capability
+    assumed), or both (the named card's kind with that memory); ConfigError otherwise."""
     gpu_memory = gib("--gpu-memory", gpu_memory, "24")
-    if gpu_memory is not None:
-        capability = CARDS[gpu].capability if gpu in CARDS else BF16_MIN_CAPABILITY
-        return Card(f"a {gpu_memory:g} GiB card" + (f" ({gpu})" if gpu else ""), int(gpu_memory * GiB), capability)
-    if gpu is None or gpu not in CARDS:
-        raise ConfigError("gpu", f"{gpu!r} is not a card this planner knows",
-                          f"use one of {', '.join(CARDS)}, or --gpu-memory GiB for any other")
-    return CARDS[gpu]
+    if gpu is None and gpu_memory is None:
+        raise ConfigError("--gpu", "no card given", f"name one with --gpu ({', '.join(CARDS)}), or give any "
+                          "other card's memory with --gpu-memory GiB")
+    key = None if gpu is None else gpu.strip().lower()
+    if key is not None and key not in CARDS:
+        raise ConfigError("--gpu", f"{gpu!r} is not a card this planner knows", f"use one of {', '.join(CARDS)}; "
+                          "for any other card give its memory with --gpu-memory GiB, and --gpu t4 or v100-16 as "
+                          "its kind if it is older than compute capability 8.0")
+    if gpu_memory is None:
+        return CARDS[key]
+    if key is None:
+        return Card(f"a {gpu_memory:g} GiB card", int(gpu_memory * GiB), BF16_MIN_CAPABILITY, assumed=True)
+    return Card(f"a {gpu_memory:g} GiB card ({key})", int(gpu_memory * GiB), CARDS[key].capability)
 
 
 def attention_kernel(model_config, card: Card) -> str:
@@ -129,7 +137,8 @@ def plan_text(config: RunConfig, card: Card, host_memory: str | float | None = N
     lines = [f"model: {config.model} ({n_params / 1e9:.2f}B parameters, {model_config.num_hidden_layers} blocks"
              f"{origin})",
              f"card: {card.name}, {capacity / GiB:.2f} GiB, compute capability {card.capability[0]}."
-             f"{card.capability[1]}",
+             f"{card.capability[1]}" + (" assumed (8.0 or newer: bf16 and flash attention; for an older card add "
+                                        "--gpu with a card of its kind, t4 or v100-16)" if card.assumed else ""),
              f"precision: weights {name(storage)}, compute {name(compute) if compute else 'float32'}"
              + ("" if card.bf16 or compute is None else " with a gradient scaler (no native bf16 before sm80)"),
              f"attention kernel: {attention_kernel(model_config, card)}",

@@ -49,8 +49,39 @@ def test_a_12_gib_card_keeps_the_activations_on_the_device():
 def test_an_unknown_card_is_one_line_and_exit_2(capsys):
     assert main(["plan", "--config", PAPER, "--gpu", "p100"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["error: gpu: 'p100' is not a card this planner knows; use one of t4, v100-16, rtx4080-16, "
-                   "a100-40, h100-80, or --gpu-memory GiB for any other"]
+    assert err == ["error: --gpu: 'p100' is not a card this planner knows; use one of t4, v100-16, rtx4080-16, "
+                   "a100-40, h100-80; for any other card give its memory with --gpu-memory GiB, and --gpu t4 or "
+                   "v100-16 as its kind if it is older than compute capability 8.0"]
+
+
+def test_an_unknown_card_is_refused_with_a_memory_size_too(capsys):
+    """--gpu p100 --gpu-memory 16 planned a P100 as compute capability 8.0 (bf16, flash attention)."""
+    out = io.StringIO()
+    assert main(["plan", "--config", PAPER, "--gpu", "p100", "--gpu-memory", "16"], out=out) == 2
+    assert out.getvalue() == ""
+    assert capsys.readouterr().err.startswith("error: --gpu: 'p100' is not a card this planner knows;")
+
+
+def test_a_memory_size_alone_says_which_capability_it_assumes():
+    code, text = _plan("--gpu-memory", "16")
+    assert code == 0
+    assert text.splitlines()[1] == ("card: a 16 GiB card, 16.00 GiB, compute capability 8.0 assumed (8.0 or newer: "
+                                    "bf16 and flash attention; for an older card add --gpu with a card of its kind, "
+                                    "t4 or v100-16)")
+    code, text = _plan("--gpu", "v100-16", "--gpu-memory", "32")  # an older card's kind, with its size
+    assert text.splitlines()[1] == "card: a 32 GiB card (v100-16), 32.00 GiB, compute capability 7.0"
+    assert "compute float16 with a gradient scaler" in text and "assumed" not in text
+
+
+def test_a_card_name_matches_in_any_case():
+    assert _plan("--gpu", "T4")[1] == _plan("--gpu", "t4")[1]
+
+
+def test_no_card_at_all_is_a_sentence(capsys):
+    assert main(["plan", "--config", PAPER]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --gpu: no card given; name one with --gpu (t4, v100-16, rtx4080-16, a100-40, h100-80), or give "
+        "any other card's memory with --gpu-memory GiB"]
 
 
 def test_a_local_model_folder_is_planned_from_its_config(tiny_model_dir):
