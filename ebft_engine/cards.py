@@ -112,7 +112,7 @@ def _model_config(source):
 
 ZEROSHOT_MODES = {"device": "the whole model on the device",
                   "offload": "blocks offloaded to host memory, streamed to the device as they run (the model and "
-                             "lm-eval's batch would not fit)"}
+                             "lm-eval's batch would not fit; slower: every batch copies every block over)"}
 
 
 def plan_text(config: RunConfig, card: Card, host_memory: str | float | None = None) -> tuple[str, bool]:

@@ -167,3 +167,14 @@ def test_an_unknown_zero_shot_task_is_refused_by_name_as_a_run_refuses_it(capsys
         "error: eval.zeroshot: unknown lm-eval task 'notatask'; use lm-eval task names such as boolq, rte, "
         "hellaswag, winogrande, arc_easy, arc_challenge, openbookqa, or add your task's YAML folder with "
         "eval.zeroshot_include"]
+
+
+@pytest.mark.parametrize("card", ["t4", "v100-16", "rtx4080-16"])
+def test_the_paper_preset_offloads_zero_shot_on_every_16_gb_card(card):
+    """README and docs/evaluation.md quote these lines: 12.55 GiB of weights and a 3.35 GiB batch exceed 92% of
+    any 16 GB card, so the blocks stream (slower), and the device holds 4.21 GiB."""
+    code, text = _plan("--gpu", card, "--zeroshot", "boolq")
+    assert code == 0
+    assert ("zero-shot (lm-eval): blocks offloaded to host memory, streamed to the device as they run (the model "
+            "and lm-eval's batch would not fit; slower: every batch copies every block over)") in text
+    assert "| zeroshot | 4.21 GiB | 13.02 GiB |" in text
