@@ -3,7 +3,8 @@
 Flags override a YAML preset given with ``--config``; the run prints its events as it goes and ends with the
 perplexity table. Exit status: 0 finished, 1 failed, 2 bad input (also a run that stopped on a configuration
 the model cannot run in: a ConfigError mid-run, e.g. --dtype float16 whose activations overflow), 130 cancelled
-(Ctrl-C).
+(Ctrl-C), 141 when whatever read the output closed it first (``| head``: quietly, as a shell's SIGPIPE would end
+it; a run stops there and can be resumed).
 """
 from __future__ import annotations
 

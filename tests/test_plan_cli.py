@@ -178,3 +178,15 @@ def test_the_paper_preset_offloads_zero_shot_on_every_16_gb_card(card):
     assert ("zero-shot (lm-eval): blocks offloaded to host memory, streamed to the device as they run (the model "
             "and lm-eval's batch would not fit; slower: every batch copies every block over)") in text
     assert "| zeroshot | 4.21 GiB | 13.02 GiB |" in text
+
+
+def test_a_reader_that_closes_the_pipe_ends_the_plan_quietly():
+    """`plan ... | head` ended with a BrokenPipeError traceback; now nothing on stderr and a shell's SIGPIPE status."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "ebft_engine", "plan", "--config", PAPER, "--gpu", "t4"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # long before the plan is written: importing torch alone takes seconds
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 141 and stderr == ""
