@@ -1,7 +1,9 @@
 """What the lab allows, on a workstation and on a Hugging Face Space (``SPACE_ID`` set)."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from pathlib import Path
 
 from ebft_engine import ConfigError, RunConfig
@@ -108,11 +110,12 @@ def _check_params(config: RunConfig) -> None:
 
 def server_options(env: dict[str, str] | None = None) -> dict[str, object]:
     """Where the lab listens: Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when set (a second lab, a
-    busy port), else 127.0.0.1:7860 (0.0.0.0 on Spaces). A bad port is a ConfigError naming the variable.
-    Gradio reads GRADIO_SERVER_PORT when it is imported: check before that import."""
+    busy port; an empty value counts as unset), else 127.0.0.1:7860 (0.0.0.0 on Spaces). A bad port, or a host
+    name that does not resolve, is a ConfigError naming the variable. Gradio reads both variables when it is
+    imported: check before that import (and drop empty ones: :func:`drop_empty_server_variables`)."""
     env = os.environ if env is None else env
-    name = env.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces() else "127.0.0.1")
-    raw = env.get("GRADIO_SERVER_PORT") or "7860"
+    name = env.get("GRADIO_SERVER_NAME", "").strip() or ("0.0.0.0" if on_spaces() else "127.0.0.1")
+    raw = env.get("GRADIO_SERVER_PORT", "").strip() or "7860"
     try:
         port = int(raw)
     except ValueError:
@@ -120,4 +123,36 @@ def server_options(env: dict[str, str] | None = None) -> dict[str, object]:
     if not 0 < port < 65536:
         raise ConfigError("GRADIO_SERVER_PORT", f"{raw!r} is not a port number", "set it to a free port in "
                           "1-65535, e.g. GRADIO_SERVER_PORT=7861 python app.py")
+    try:
+        socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError("GRADIO_SERVER_NAME", f"{name!r} is not a host name this machine can resolve",
+                          "set it to one of this machine's addresses, e.g. 127.0.0.1 (this machine only) or "
+                          "0.0.0.0 (every interface), or unset it") from None
     return {"server_name": name, "server_port": port}
+
+
+SERVER_VARIABLES = ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT")
+
+
+def drop_empty_server_variables(env: dict[str, str] | None = None) -> None:
+    """Remove GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when set to nothing: Gradio's import reads them itself, and
+    int('') is a traceback there. Unset, they mean what :func:`server_options` chose (and passes explicitly)."""
+    env = os.environ if env is None else env
+    for name in SERVER_VARIABLES:
+        if name in env and not env[name].strip():
+            del env[name]
+
+
+def listen_failure(name: str, port: int) -> str:
+    """Why Gradio could not listen on ``name``:``port`` (it reports every failure as no empty port), as the
+    one line app.py prints: the address is not this machine's, or the port is in use."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in name else socket.AF_INET) as probe:
+            probe.bind((name, port))
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            return (f"GRADIO_SERVER_NAME: {name} is not an address of this machine; set it to one that is, e.g. "
+                    "127.0.0.1 or 0.0.0.0, or unset it")
+    return (f"GRADIO_SERVER_PORT: port {port} on {name} is in use; set GRADIO_SERVER_PORT to a free port, e.g. "
+            "GRADIO_SERVER_PORT=7861 python app.py")
