@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -95,19 +96,19 @@ def attention_kernel(model_config, card: Card) -> str:
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "model-configs"
 
 
-def _model_config(source):
-    """(the model's config, a note on where it came from): for a hub id the presets use, the copy shipped in
-    assets/model-configs/ORG--NAME.json (those public shapes do not change, and the plan then needs no network);
-    else the model's own config, read without its weights."""
+def model_shape(source) -> tuple[Any, str | None]:
+    """(the model's config, the shipped file it came from or None): for a hub id the presets use, the copy shipped
+    in assets/model-configs/ORG--NAME.json (those public shapes do not change, and a plan then needs no network:
+    the plan command and the lab's Memory plan); else the model's own config, read without its weights."""
     shipped = SHIPPED_CONFIGS / (source.path.replace("/", "--") + ".json")
     if source.gguf_file or Path(source.path).exists() or not shipped.is_file():
-        return load_config(source), ""
+        return load_config(source), None
     from transformers import AutoConfig
 
     data = json.loads(shipped.read_text(encoding="utf-8"))
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     check_architecture(config)
-    return config, f"; its shape from {shipped.relative_to(SHIPPED_CONFIGS.parents[1])}"
+    return config, str(shipped.relative_to(SHIPPED_CONFIGS.parents[1]))
 
 
 ZEROSHOT_MODES = {"device": "the whole model on the device",
@@ -124,7 +125,7 @@ def plan_text(config: RunConfig, card: Card, host_memory: str | float | None = N
 
         check_task_names(config.eval.zeroshot, config.eval.zeroshot_include)
     source = resolve_source(config.model)
-    model_config, origin = _model_config(source)
+    model_config, shipped = model_shape(source)
     n_params = count_params(model_config)
     precision = pick_precision(torch.device("cuda"), config.dtype, n_params, native_bf16=card.bf16)
     storage, compute = precision.storage, precision.compute
@@ -135,7 +136,7 @@ def plan_text(config: RunConfig, card: Card, host_memory: str | float | None = N
                        capability=card.capability)
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     lines = [f"model: {config.model} ({n_params / 1e9:.2f}B parameters, {model_config.num_hidden_layers} blocks"
-             f"{origin})",
+             f"{f'; its shape from {shipped}' if shipped else ''})",
              f"card: {card.name}, {capacity / GiB:.2f} GiB, compute capability {card.capability[0]}."
              f"{card.capability[1]}" + (" assumed (8.0 or newer: bf16 and flash attention; for an older card add "
                                         "--gpu with a card of its kind, t4 or v100-16)" if card.assumed else ""),
