@@ -3,7 +3,7 @@ unless GRADIO_SERVER_NAME / GRADIO_SERVER_PORT say otherwise."""
 import sys
 
 from ebft_engine import ConfigError
-from lab.policy import server_options
+from lab.policy import drop_empty_server_variables, listen_failure, server_options
 
 if __name__ == "__main__":
     try:
@@ -11,13 +11,13 @@ if __name__ == "__main__":
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    drop_empty_server_variables()  # an empty one means unset here; Gradio's import would fail on it
     from lab.app import main
 
     try:
         main(options)
-    except OSError as e:  # Gradio's "Cannot find empty port": another lab (or anything) listens there
+    except OSError as e:  # Gradio's "Cannot find empty port", whatever kept it from listening
         if "port" not in str(e).lower():
             raise
-        print(f"error: GRADIO_SERVER_PORT: port {options['server_port']} on {options['server_name']} is in use; "
-              "set GRADIO_SERVER_PORT to a free port, e.g. GRADIO_SERVER_PORT=7861 python app.py", file=sys.stderr)
+        print(f"error: {listen_failure(options['server_name'], options['server_port'])}", file=sys.stderr)
         raise SystemExit(2) from None

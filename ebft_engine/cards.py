@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +29,7 @@ class Card:
     name: str
     memory: int  # bytes
     capability: tuple[int, int]  # CUDA compute capability
+    assumed: bool = False  # --gpu-memory alone: the capability is not known, sm80 is taken
 
     @property
     def bf16(self) -> bool:
@@ -43,18 +45,38 @@ CARDS = {
 }
 
 
-def card_named(gpu: str | None, gpu_memory: float | None) -> Card:
-    """The card for ``--gpu NAME`` or ``--gpu-memory GiB`` (an sm80+ card of that size); ConfigError otherwise."""
-    if gpu_memory is not None:
-        if gpu_memory <= 0:
-            raise ConfigError("gpu-memory", f"{gpu_memory:g} GiB is not a size", "give the card's memory in GiB, "
-                              "e.g. --gpu-memory 24")
-        capability = CARDS[gpu].capability if gpu in CARDS else BF16_MIN_CAPABILITY
-        return Card(f"a {gpu_memory:g} GiB card" + (f" ({gpu})" if gpu else ""), int(gpu_memory * GiB), capability)
-    if gpu is None or gpu not in CARDS:
-        raise ConfigError("gpu", f"{gpu!r} is not a card this planner knows",
-                          f"use one of {', '.join(CARDS)}, or --gpu-memory GiB for any other")
-    return CARDS[gpu]
+def gib(flag: str, value: str | float | None, example: str) -> float | None:
+    """``--gpu-memory`` / ``--host-memory`` as a positive, finite number of GiB (None when not given); ConfigError
+    naming the flag otherwise (text that is not a number, 0, a negative, nan, inf)."""
+    if value is None:
+        return None
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = float("nan")
+    if not 0 < amount < float("inf"):
+        raise ConfigError(flag, f"{str(value).strip()!r} is not an amount of memory",
+                          f"give a positive number of GiB, e.g. {flag} {example}")
+    return amount
+
+
+def card_named(gpu: str | None, gpu_memory: str | float | None) -> Card:
+    """The card for ``--gpu NAME`` (any case), ``--gpu-memory GiB`` (an sm80+ card of that size, its capability
+    assumed), or both (the named card's kind with that memory); ConfigError otherwise."""
+    gpu_memory = gib("--gpu-memory", gpu_memory, "24")
+    if gpu is None and gpu_memory is None:
+        raise ConfigError("--gpu", "no card given", f"name one with --gpu ({', '.join(CARDS)}), or give any "
+                          "other card's memory with --gpu-memory GiB")
+    key = None if gpu is None else gpu.strip().lower()
+    if key is not None and key not in CARDS:
+        raise ConfigError("--gpu", f"{gpu!r} is not a card this planner knows", f"use one of {', '.join(CARDS)}; "
+                          "for any other card give its memory with --gpu-memory GiB, and --gpu t4 or v100-16 as "
+                          "its kind if it is older than compute capability 8.0")
+    if gpu_memory is None:
+        return CARDS[key]
+    if key is None:
+        return Card(f"a {gpu_memory:g} GiB card", int(gpu_memory * GiB), BF16_MIN_CAPABILITY, assumed=True)
+    return Card(f"a {gpu_memory:g} GiB card ({key})", int(gpu_memory * GiB), CARDS[key].capability)
 
 
 def attention_kernel(model_config, card: Card) -> str:
@@ -74,43 +96,50 @@ def attention_kernel(model_config, card: Card) -> str:
 SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "assets" / "model-configs"
 
 
-def _model_config(source):
-    """(the model's config, a note on where it came from): for a hub id the presets use, the copy shipped in
-    assets/model-configs/ORG--NAME.json (those public shapes do not change, and the plan then needs no network);
-    else the model's own config, read without its weights."""
+def model_shape(source) -> tuple[Any, str | None]:
+    """(the model's config, the shipped file it came from or None): for a hub id the presets use, the copy shipped
+    in assets/model-configs/ORG--NAME.json (those public shapes do not change, and a plan then needs no network:
+    the plan command and the lab's Memory plan); else the model's own config, read without its weights."""
     shipped = SHIPPED_CONFIGS / (source.path.replace("/", "--") + ".json")
     if source.gguf_file or Path(source.path).exists() or not shipped.is_file():
-        return load_config(source), ""
+        return load_config(source), None
     from transformers import AutoConfig
 
     data = json.loads(shipped.read_text(encoding="utf-8"))
     config = AutoConfig.for_model(data.pop("model_type"), **data)
     check_architecture(config)
-    return config, f"; its shape from {shipped.relative_to(SHIPPED_CONFIGS.parents[1])}"
+    return config, str(shipped.relative_to(SHIPPED_CONFIGS.parents[1]))
 
 
 ZEROSHOT_MODES = {"device": "the whole model on the device",
                   "offload": "blocks offloaded to host memory, streamed to the device as they run (the model and "
-                             "lm-eval's batch would not fit)"}
+                             "lm-eval's batch would not fit; slower: every batch copies every block over)"}
 
 
-def plan_text(config: RunConfig, card: Card, host_memory: float | None = None) -> tuple[str, bool]:
-    """(the plan as text, whether it fits) for ``config`` on ``card``; reads the model's config only."""
+def plan_text(config: RunConfig, card: Card, host_memory: str | float | None = None) -> tuple[str, bool]:
+    """(the plan as text, whether it fits) for ``config`` on ``card`` (and ``host_memory`` GiB of RAM, when
+    given); reads the model's config only."""
+    host_memory = gib("--host-memory", host_memory, "32")
+    if config.eval.zeroshot:  # as a run refuses it, by name (lm-eval's task index; no data is read)
+        from .zeroshot import check_task_names
+
+        check_task_names(config.eval.zeroshot, config.eval.zeroshot_include)
     source = resolve_source(config.model)
-    model_config, origin = _model_config(source)
+    model_config, shipped = model_shape(source)
     n_params = count_params(model_config)
     precision = pick_precision(torch.device("cuda"), config.dtype, n_params, native_bf16=card.bf16)
     storage, compute = precision.storage, precision.compute
     capacity = card.memory
-    host = int(host_memory * GiB) if host_memory else None
+    host = None if host_memory is None else int(host_memory * GiB)
     plan = plan_memory(model_config, config, precision, device_capacity=capacity, host_capacity=host,
                        gguf=source.gguf_file is not None, from_files=restores_from_files(source),
                        capability=card.capability)
     name = lambda d: str(d).replace("torch.", "")  # noqa: E731
     lines = [f"model: {config.model} ({n_params / 1e9:.2f}B parameters, {model_config.num_hidden_layers} blocks"
-             f"{origin})",
+             f"{f'; its shape from {shipped}' if shipped else ''})",
              f"card: {card.name}, {capacity / GiB:.2f} GiB, compute capability {card.capability[0]}."
-             f"{card.capability[1]}",
+             f"{card.capability[1]}" + (" assumed (8.0 or newer: bf16 and flash attention; for an older card add "
+                                        "--gpu with a card of its kind, t4 or v100-16)" if card.assumed else ""),
              f"precision: weights {name(storage)}, compute {name(compute) if compute else 'float32'}"
              + ("" if card.bf16 or compute is None else " with a gradient scaler (no native bf16 before sm80)"),
              f"attention kernel: {attention_kernel(model_config, card)}",

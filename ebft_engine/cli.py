@@ -3,7 +3,8 @@
 Flags override a YAML preset given with ``--config``; the run prints its events as it goes and ends with the
 perplexity table. Exit status: 0 finished, 1 failed, 2 bad input (also a run that stopped on a configuration
 the model cannot run in: a ConfigError mid-run, e.g. --dtype float16 whose activations overflow), 130 cancelled
-(Ctrl-C).
+(Ctrl-C), 141 when whatever read the output closed it first (``| head``: quietly, as a shell's SIGPIPE would end
+it; a run stops there and can be resumed).
 """
 from __future__ import annotations
 
@@ -103,9 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "card gets, and a verdict with what to change when it does not fit.")
     pl.add_argument("--config", help="YAML preset, e.g. assets/presets/llama-7b-paper.yaml")
     pl.add_argument("--gpu", help="t4, v100-16, rtx4080-16, a100-40 or h100-80")
-    pl.add_argument("--gpu-memory", type=float, metavar="GIB", help="any other card's memory in GiB (sm80 or newer "
+    pl.add_argument("--gpu-memory", metavar="GIB", help="any other card's memory in GiB (sm80 or newer "
                                                                    "unless --gpu names its kind)")
-    pl.add_argument("--host-memory", type=float, metavar="GIB", help="host RAM in GiB, to check the host peaks too")
+    pl.add_argument("--host-memory", metavar="GIB", help="host RAM in GiB, to check the host peaks too")
     for flag, (_field, _type, help_text) in FLAGS.items():
         pl.add_argument(flag, help=help_text)
     return parser

@@ -59,6 +59,10 @@ class MemoryPlan:
     capability: tuple[int, int] | None = None  # the CUDA device's compute capability, where known
     eval_hidden: str = "host"  # where the evaluation's hidden states live: "device" or "host"
     zeroshot: str | None = None  # how zero-shot scoring holds the model: "device" or "offload"; None: no tasks
+    # what the plan assumed of the model's files and the data (plan_memory's arguments), for a plan of a changed run
+    gguf: bool = False
+    from_files: bool = True
+    calib_cached: bool = False
 
     @property
     def peak_device(self) -> int:
@@ -146,7 +150,7 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
     return MemoryPlan(device_type=precision.device.type, activations=choice,
                       phases=tuple(phases(run, calib_cached, gguf, where, device_capacity)),
                       device_capacity=device_capacity, host_capacity=host_capacity, capability=capability,
-                      eval_hidden=where,
+                      eval_hidden=where, gguf=gguf, from_files=from_files, calib_cached=calib_cached,
                       zeroshot=zeroshot_mode(s, precision, device_capacity, repeat) if config.eval.zeroshot else None)
 
 

@@ -9,27 +9,72 @@ import torch
 
 from .config import RunConfig
 from .device import Precision
+from .errors import ConfigError
 from .planner import DEVICE_HEADROOM, GiB, MemoryPlan, plan_memory
 
 
 def suggestion(model_config: Any, config: RunConfig, precision: Precision, capacity: int | None,
-               capability: tuple[int, int] | None = None) -> str:
-    """What to change so the run fits the device: the first of a few levers that does, with its figure."""
-    levers: list[tuple[str, dict[str, Any], str | None]] = []
-    b = config.ebft.batch_size
-    while b > 1:
-        b //= 2
-        levers.append((f"--batch-size {b}", {"ebft.batch_size": b}, None))
+               capability: tuple[int, int] | None = None, plan: MemoryPlan | None = None) -> str:
+    """What to change so the run fits the device: the first of a few levers that does, with its figure. Given the
+    plan that did not fit, a lever must also keep the host within its capacity, planned as that plan was."""
+    found = _first_fitting(_device_levers(config), model_config, config, precision, capacity, capability, plan)
+    return found or "use a GPU with more memory, a shorter --seqlen, or --device cpu"
+
+
+def _device_levers(config: RunConfig) -> list[tuple[str, dict[str, Any], str | None]]:
+    """(flags, config overrides, activations) that shrink the device peak: a smaller batch, then the host."""
+    levers: list[tuple[str, dict[str, Any], str | None]] = [
+        (f"--batch-size {b}", {"ebft.batch_size": b}, None) for b in _halves(config.ebft.batch_size)]
     levers.append(("--activations host", {}, "host"))
     for b in (max(config.ebft.batch_size // 2, 1), 1):
         levers.append((f"--activations host --batch-size {b}", {"ebft.batch_size": b}, "host"))
+    return levers
+
+
+def _host_levers(config: RunConfig, plan: MemoryPlan) -> list[tuple[str, dict[str, Any], str | None]]:
+    """Levers that shrink the host peak: a smaller batch (on a GPU, auto then keeps the activations on the device;
+    on the CPU, autograd's share shrinks), the activations on the device, fewer calibration sequences."""
+    batch = config.ebft.batch_size
+    levers: list[tuple[str, dict[str, Any], str | None]] = [
+        (f"--batch-size {b}", {"ebft.batch_size": b}, None) for b in _halves(batch)]
+    if plan.device_type != "cpu" and plan.activations == "host":
+        levers += [("--activations device" + (f" --batch-size {b}" if b != batch else ""), {"ebft.batch_size": b},
+                    "device") for b in (batch, *_halves(batch))]
+    n = config.calib.nsamples
+    levers += [(f"--nsamples {n // k}", {"calib.nsamples": n // k}, None) for k in (2, 4) if n // k >= 1]
+    return levers
+
+
+def _halves(b: int) -> list[int]:
+    out = []
+    while b > 1:
+        b //= 2
+        out.append(b)
+    return out
+
+
+def _first_fitting(levers, model_config: Any, config: RunConfig, precision: Precision, capacity: int | None,
+                   capability: tuple[int, int] | None, plan: MemoryPlan | None) -> str | None:
+    """"try FLAGS (planned peaks)" for the first lever whose plan fits the device (within DEVICE_HEADROOM) and,
+    when ``plan`` gives a host capacity, the host; None when none does."""
+    host = plan.host_capacity if plan is not None else None
+    assumed = ({"gguf": plan.gguf, "from_files": plan.from_files, "calib_cached": plan.calib_cached}
+               if plan is not None else {})
     for flags, overrides, acts in levers:
-        cfg = config.with_overrides(overrides) if overrides else config
-        plan = plan_memory(model_config, cfg, precision, device_capacity=capacity, activations=acts,
-                           capability=capability)
-        if capacity is None or plan.peak_device <= capacity * DEVICE_HEADROOM:
-            return f"try {flags} (planned device peak {plan.peak_device / GiB:.2f} GiB)"
-    return "use a GPU with more memory, a shorter --seqlen, or --device cpu"
+        try:
+            cfg = config.with_overrides(overrides) if overrides else config
+        except ConfigError:  # e.g. fewer sequences than one batch: not a lever for this run
+            continue
+        trial = plan_memory(model_config, cfg, precision, device_capacity=capacity, host_capacity=host,
+                            activations=acts, capability=capability, **assumed)
+        if capacity is not None and trial.peak_device > capacity * DEVICE_HEADROOM:
+            continue
+        if host is not None and trial.peak_host > host:
+            continue
+        peaks = ([f"device peak {trial.peak_device / GiB:.2f} GiB"] if trial.device_type != "cpu" else []) + (
+            [f"host peak {trial.peak_host / GiB:.2f} GiB"] if host is not None else [])
+        return f"try {flags} (planned {', '.join(peaks)})"
+    return None
 
 
 # What a device allocation failure looks like besides torch.OutOfMemoryError: cuBLAS / cuSOLVER workspaces and
@@ -72,9 +117,17 @@ ZEROSHOT_FIX = ("zero-shot scoring streams the blocks from host memory when the 
 
 
 def remedy(plan: MemoryPlan, model_config: Any, config: RunConfig, precision: Precision) -> str:
-    """What to change for a plan that does not fit: the device lever that fits, or what shrinks host memory."""
+    """What to change for a plan that does not fit: the device lever that fits (the host too), or for host memory
+    how much the run needs and a lever only where one brings it under the host's capacity."""
     if plan.device_capacity is not None and plan.peak_device > plan.device_capacity:
         if max(plan.phases, key=lambda p: p.device).phase == "zeroshot":  # no EBFT lever shrinks it
             return ZEROSHOT_FIX
-        return suggestion(model_config, config, precision, plan.device_capacity, plan.capability)
-    return "use fewer --nsamples, a shorter --seqlen or fewer --eval-windows, or a machine with more memory"
+        return suggestion(model_config, config, precision, plan.device_capacity, plan.capability, plan)
+    need = f"a machine with at least {plan.peak_host / GiB:.2f} GiB of host memory (this plan's host peak)"
+    lever = _first_fitting(_host_levers(config, plan), model_config, config, precision, plan.device_capacity,
+                           plan.capability, plan)
+    if lever:
+        return f"{lever}, or use {need}"
+    floor = min(p.host for p in plan.phases)  # the model and the runtime, held by every phase
+    return (f"no setting brings it under {plan.host_capacity / GiB:.2f} GiB (the model and the runtime alone "
+            f"take {floor / GiB:.2f} GiB): use {need}")

@@ -12,6 +12,7 @@ arithmetic), everything but the blocks on the device and the blocks' weights str
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 from typing import Any, Iterator
@@ -38,16 +39,29 @@ def _task_manager(include: str | None):
     return TaskManager(include_path=include) if include else TaskManager()
 
 
-def check_tasks(tasks: tuple[str, ...], include: str | None) -> None:
-    """Load every task's data now; raise ConfigError for an unknown task and DataError naming the tasks whose
-    data sets are neither cached nor reachable."""
-    manager = _task_manager(include)
-    known = set(manager.all_tasks)
+@functools.lru_cache(maxsize=1)
+def _builtin_task_names() -> frozenset[str]:
+    """lm-eval's own task names (indexing its task YAMLs takes seconds: once per process)."""
+    return frozenset(_task_manager(None).all_tasks)
+
+
+def check_task_names(tasks: tuple[str, ...], include: str | None, manager=None) -> None:
+    """Raise ConfigError for a name lm-eval (with ``include``'s task YAMLs) does not know. Reads lm-eval's task
+    index only: no data set is loaded, nothing is downloaded (the plan command's check)."""
+    known = set(manager.all_tasks) if manager else _builtin_task_names() if not include else set(
+        _task_manager(include).all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
         raise ConfigError("eval.zeroshot", f"unknown lm-eval task {unknown[0]!r}",
                           f"use lm-eval task names such as {', '.join(PAPER_TASKS)}, or add your task's YAML "
                           "folder with eval.zeroshot_include")
+
+
+def check_tasks(tasks: tuple[str, ...], include: str | None) -> None:
+    """Load every task's data now; raise ConfigError for an unknown task and DataError naming the tasks whose
+    data sets are neither cached nor reachable."""
+    manager = _task_manager(include)
+    check_task_names(tasks, include, manager)
     missing = []
     for task in tasks:
         try:

@@ -1,10 +1,12 @@
 """What the lab allows, on a workstation and on a Hugging Face Space (``SPACE_ID`` set)."""
 from __future__ import annotations
 
+import errno
 import os
+import socket
 from pathlib import Path
 
-from ebft_engine import ConfigError, RunConfig
+from ebft_engine import ConfigError, RunConfig, registry
 from ebft_engine.config import CALIB_SOURCES, EVAL_SOURCES
 from ebft_engine.models import count_params, load_config, resolve_source
 
@@ -15,21 +17,36 @@ SPACES_LIMITS = {"calib.nsamples": 64, "calib.seqlen": 512, "ebft.epochs": 4, "e
 ZERO_GPU_SECONDS = 300  # the GPU slot of one job on ZeroGPU (spaces.GPU's duration, lab/runner.py)
 SPACES_CPU_SECONDS = 900  # the longest a visitor of a CPU Space waits for a run at SPACES_LIMITS
 
-# The largest model a Space runs, in parameters, counted from the model's config before any weight is read.
-# Measured (README, Performance): the smollm2-demo preset, SmolLM2-135M (134,515,008 parameters), end to end on
-# 2 CPU cores in 255 s = load 38 + three evaluations 57 + Wanda 31 + EBFT 129, with 32 x 512 calibration tokens,
-# 2 epochs and 16 x 1024 evaluation tokens. SPACES_LIMITS allow 64 samples and 4 epochs: Wanda's pass takes
-# twice as long, EBFT four times as many steps, the rest the same: 38 + 57 + 2 * 31 + 4 * 129 = 673 s. Runs of
-# the demo took 239-311 s (this machine's speed varies between runs): x1.25 for that, 841 s, 6.25 us per
-# parameter, since every phase pushes its tokens through every weight.
-#  - CPU Space: 900 s / 6.25 us = 143.9M parameters (SmolLM2-135M fits; SmolLM2-360M's 362M would take ~38 min).
-#  - ZeroGPU: a 143.9M-parameter run at the limits takes 900 s on 2 CPU cores, of which the load (51 s) is no
-#    faster on a GPU; the other 849 s must fit the 249 s left of the 300 s slot, so the GPU must do the matrix
-#    products 3.4x as fast as 2 CPU cores (measured bf16 peak 0.66-1.1 TFLOP/s). No GPU run has been measured in
-#    this project yet; any data-centre GPU has over a hundred times that peak, so the CPU-derived bound also
-#    keeps a ZeroGPU run inside its slot. (A measured GPU run could raise the bound there.)
+# How long a run takes on a Space, estimated from measured runs (README, Performance) on 2 CPU cores, every phase
+# scaled by the model's parameters (each phase pushes its tokens through every weight) and by its own work:
+#  - the smollm2-demo preset, SmolLM2-135M (134,515,008 parameters), 255 s end to end = load 38 + three
+#    evaluations 57 (dense, wanda, ebft: 19 each over 16 x 1024 tokens) + the wanda baseline's pruning 31 + EBFT
+#    129 (2 epochs, its own Wanda pass included), with 32 x 512 calibration tokens (239 s in an earlier session);
+#  - pruning passes of slower methods on the same model and calibration ("ALPS, and SparseGPT today"):
+#    SparseGPT 403 s, ALPS 2,429 s; any other method is taken at Wanda's 31 s.
+# Each baseline adds its pruning pass and an evaluation; each recovery EBFT's 129 s per 2 epochs (a recovery
+# other than EBFT likewise: LoRA's default budget is EBFT's own time) and its evaluations; pruning and training
+# scale with the calibration tokens, evaluations with theirs. Not counted: generating `self` calibration text
+# (~110 s, once: it is cached) and zero-shot scoring (not measured here; at most 100 examples per task).
+# MARGIN allows for this machine's run-to-run speed: a judgment, not a measurement (the demo took 239 and 255 s).
 DEMO_PARAMS = 134_515_008
-SECONDS_PER_PARAM = (38 + 57 + 2 * 31 + 4 * 129) * 1.25 / DEMO_PARAMS  # at SPACES_LIMITS, on 2 CPU cores
+DEMO_SECONDS = {"load": 38, "eval": 19, "prune": 31, "ebft": 129}
+DEMO_TOKENS = {"calib": 32 * 512, "eval": 16 * 1024}
+PRUNE_SECONDS = {"sparsegpt": 403, "alps": 2429}  # by method (an allocation prefix, owl-, prunes as its method)
+MARGIN = 1.25
+
+# The largest model a Space runs, in parameters, counted from the model's config before any weight is read: the
+# smollm2-spaces preset (a wanda baseline and EBFT) at SPACES_LIMITS, 64 samples and 4 epochs, takes
+# 38 + 3 x 19 + 2 x 31 + 4 x 129 = 673 s on SmolLM2-135M, x MARGIN = 841 s: 6.25 us per parameter.
+#  - CPU Space: 900 s / 6.25 us = 143.9M parameters (SmolLM2-135M fits; SmolLM2-360M's 362M would take ~38 min).
+#    A run under the bound with more variants, a slower method or more tokens is checked against the same
+#    900 s by its own estimate (run_seconds) and refused naming what to drop.
+#  - ZeroGPU: a run estimated at 900 s on 2 CPU cores, of which the load (51 s at the bound) is no faster on a
+#    GPU, must fit its other 849 s into the 249 s left of the 300 s slot: the GPU must do the matrix products
+#    3.4x as fast as 2 CPU cores (measured bf16 peak 0.66-1.1 TFLOP/s). No GPU run has been measured in this
+#    project yet; any data-centre GPU has over a hundred times that peak, so the CPU-derived estimate also keeps
+#    a ZeroGPU run inside its slot. (A measured GPU run could raise the bound there.)
+SECONDS_PER_PARAM = (38 + 57 + 2 * 31 + 4 * 129) * MARGIN / DEMO_PARAMS  # at SPACES_LIMITS, on 2 CPU cores
 SPACES_MAX_PARAMS = int(SPACES_CPU_SECONDS / SECONDS_PER_PARAM)
 
 
@@ -94,25 +111,95 @@ def _check_sizes(config: RunConfig) -> None:
 
 
 def _check_params(config: RunConfig) -> None:
-    """Refuse a model too large to finish on this Space (SPACES_MAX_PARAMS). Reads the model's config only; a
-    model whose config cannot be read is refused here with the engine's sentence (ModelLoadError)."""
+    """Refuse a model too large to finish on this Space (SPACES_MAX_PARAMS), then a run of an allowed model whose
+    own estimate (run_seconds: its variants, method, epochs and tokens) exceeds the Space's time, naming what to
+    drop. Reads the model's config only; a model whose config cannot be read is refused here with the engine's
+    sentence (ModelLoadError)."""
     n = count_params(load_config(resolve_source(config.model)))
+    slot = (f"the {ZERO_GPU_SECONDS} s GPU slot" if on_zero_gpu()
+            else f"{SPACES_CPU_SECONDS // 60} minutes on its 2 CPU cores")
     if n > SPACES_MAX_PARAMS:
-        slot = (f"the {ZERO_GPU_SECONDS} s GPU slot" if on_zero_gpu()
-                else f"{SPACES_CPU_SECONDS // 60} minutes on its 2 CPU cores")
         raise ConfigError("model", f"{config.model} has {n / 1e6:.0f}M parameters, more than this Space runs "
                           f"({SPACES_MAX_PARAMS / 1e6:.0f}M: a larger run would not finish within {slot})",
                           f"pick smollm2-135m or a hub model of at most {SPACES_MAX_PARAMS / 1e6:.0f}M parameters, "
                           "or run the lab locally")
+    _check_time(config, n, slot)
+
+
+def run_seconds(config: RunConfig, n_params: int, baselines: tuple[str, ...] | None = None,
+                recoveries: tuple[str, ...] | None = None) -> float:
+    """The estimated seconds of ``config``'s run on 2 CPU cores, MARGIN included (the measured phases above),
+    for a model of ``n_params``; ``baselines`` / ``recoveries`` replace the config's (what dropping some saves)."""
+    baselines = config.baselines if baselines is None else baselines
+    recoveries = config.recoveries if recoveries is None else recoveries
+    calib = config.calib.nsamples * config.calib.seqlen / DEMO_TOKENS["calib"]
+    train = (config.calib.nsamples + config.calib.self_nsamples) * config.calib.seqlen / DEMO_TOKENS["calib"]
+    windows = config.eval.windows or SPACES_LIMITS["eval.windows"]  # None is refused before (_check_sizes)
+    evaluation = DEMO_SECONDS["eval"] * windows * (config.eval.seqlen or 2048) / DEMO_TOKENS["eval"]
+
+    def prune(method: str) -> float:
+        _allocation, entry = registry.split_method(method)
+        return PRUNE_SECONDS.get(entry.name if entry else method, DEMO_SECONDS["prune"]) * calib
+
+    seconds = DEMO_SECONDS["load"] + evaluation  # the dense model
+    seconds += sum(prune(b) + evaluation for b in baselines)
+    active = [r for r in (registry.recovery_entry(name).build() for name in recoveries) if r.active(config)]
+    for r in active:  # EBFT's measured time has Wanda's pass in it: a slower method adds its difference
+        epochs = config.lora.epochs if r.name == "lora" and config.lora.budget == "epochs" else config.ebft.epochs
+        seconds += (DEMO_SECONDS["ebft"] * epochs / 2 * train + prune(config.prune.method)
+                    - DEMO_SECONDS["prune"] * calib + evaluation * len(r.labels(r.name)))
+    if not active and config.prune.method not in baselines:  # --method pruned alone (runner.Run.variants)
+        seconds += prune(config.prune.method) + evaluation
+    return seconds * n_params / DEMO_PARAMS * MARGIN
+
+
+def _check_time(config: RunConfig, n: int, slot: str) -> None:
+    """Refuse a run whose estimate exceeds SPACES_CPU_SECONDS, saying what to drop: baselines and recoveries (one
+    recovery stays), the costliest first until the rest fits; when no such drop is enough, the lever that is: a
+    faster --method than a slow one, else fewer tokens or epochs."""
+    total = run_seconds(config, n)
+    if total <= SPACES_CPU_SECONDS:
+        return
+    problem = (f"this run would take about {total / 60:.0f} minutes on 2 CPU cores (estimated from measured runs, "
+               f"lab/policy.py) and would not finish within {slot}")
+    kept = {"baselines": list(config.baselines), "recoveries": list(config.recoveries)}
+    dropped: dict[str, list[str]] = {}
+    while total > SPACES_CPU_SECONDS:  # drop the variant whose removal saves most
+        options = [("baselines", b) for b in kept["baselines"]] + (
+            [("recoveries", r) for r in kept["recoveries"]] if len(kept["recoveries"]) > 1 else [])
+        options.reverse()  # a tie drops the later-listed one: the first recovery, usually ebft, stays
+        if not options:
+            break
+        field, name = min(options, key=lambda o: run_seconds(config, n, *_without(kept, o)))
+        kept[field].remove(name)
+        dropped.setdefault(field, []).append(name)
+        total = run_seconds(config, n, tuple(kept["baselines"]), tuple(kept["recoveries"]))
+    drop = " and ".join(f"{', '.join(names)} from {field}" for field, names in dropped.items())
+    if total <= SPACES_CPU_SECONDS:
+        raise ConfigError(next(iter(dropped)), problem, f"drop {drop}, or run the lab locally")
+    method = config.prune.method
+    _allocation, entry = registry.split_method(method)
+    if entry is not None and entry.name in PRUNE_SECONDS:
+        raise ConfigError("prune.method", problem, f"prune with a faster method than {method} (e.g. wanda), "
+                          "or run the lab locally")
+    raise ConfigError("calib.nsamples", problem, "use fewer calibration samples (calib.nsamples, "
+                      "calib.self_nsamples) or EBFT epochs, or run the lab locally")
+
+
+def _without(kept: dict[str, list[str]], option: tuple[str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    field, name = option
+    return tuple(b for b in kept["baselines"] if (field, b) != option), tuple(
+        r for r in kept["recoveries"] if (field, r) != option)
 
 
 def server_options(env: dict[str, str] | None = None) -> dict[str, object]:
     """Where the lab listens: Gradio's own GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when set (a second lab, a
-    busy port), else 127.0.0.1:7860 (0.0.0.0 on Spaces). A bad port is a ConfigError naming the variable.
-    Gradio reads GRADIO_SERVER_PORT when it is imported: check before that import."""
+    busy port; an empty value counts as unset), else 127.0.0.1:7860 (0.0.0.0 on Spaces). A bad port, or a host
+    name that does not resolve, is a ConfigError naming the variable. Gradio reads both variables when it is
+    imported: check before that import (and drop empty ones: :func:`drop_empty_server_variables`)."""
     env = os.environ if env is None else env
-    name = env.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_spaces() else "127.0.0.1")
-    raw = env.get("GRADIO_SERVER_PORT") or "7860"
+    name = env.get("GRADIO_SERVER_NAME", "").strip() or ("0.0.0.0" if on_spaces() else "127.0.0.1")
+    raw = env.get("GRADIO_SERVER_PORT", "").strip() or "7860"
     try:
         port = int(raw)
     except ValueError:
@@ -120,4 +207,36 @@ def server_options(env: dict[str, str] | None = None) -> dict[str, object]:
     if not 0 < port < 65536:
         raise ConfigError("GRADIO_SERVER_PORT", f"{raw!r} is not a port number", "set it to a free port in "
                           "1-65535, e.g. GRADIO_SERVER_PORT=7861 python app.py")
+    try:
+        socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError("GRADIO_SERVER_NAME", f"{name!r} is not a host name this machine can resolve",
+                          "set it to one of this machine's addresses, e.g. 127.0.0.1 (this machine only) or "
+                          "0.0.0.0 (every interface), or unset it") from None
     return {"server_name": name, "server_port": port}
+
+
+SERVER_VARIABLES = ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT")
+
+
+def drop_empty_server_variables(env: dict[str, str] | None = None) -> None:
+    """Remove GRADIO_SERVER_NAME / GRADIO_SERVER_PORT when set to nothing: Gradio's import reads them itself, and
+    int('') is a traceback there. Unset, they mean what :func:`server_options` chose (and passes explicitly)."""
+    env = os.environ if env is None else env
+    for name in SERVER_VARIABLES:
+        if name in env and not env[name].strip():
+            del env[name]
+
+
+def listen_failure(name: str, port: int) -> str:
+    """Why Gradio could not listen on ``name``:``port`` (it reports every failure as no empty port), as the
+    one line app.py prints: the address is not this machine's, or the port is in use."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in name else socket.AF_INET) as probe:
+            probe.bind((name, port))
+    except OSError as e:
+        if e.errno == errno.EADDRNOTAVAIL:
+            return (f"GRADIO_SERVER_NAME: {name} is not an address of this machine; set it to one that is, e.g. "
+                    "127.0.0.1 or 0.0.0.0, or unset it")
+    return (f"GRADIO_SERVER_PORT: port {port} on {name} is in use; set GRADIO_SERVER_PORT to a free port, e.g. "
+            "GRADIO_SERVER_PORT=7861 python app.py")

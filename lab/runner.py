@@ -280,9 +280,9 @@ def _step(events: Iterator[Event], view: RunView, session: str):
 
 def plan_text_for(config: RunConfig, card: str) -> str:
     """The memory plan of ``config`` on a named card, or on this machine; raises EbftError."""
-    from ebft_engine.cards import CARDS, plan_text
+    from ebft_engine.cards import CARDS, model_shape, plan_text
     from ebft_engine.device import pick_device, pick_precision
-    from ebft_engine.models import count_params, load_config, resolve_source
+    from ebft_engine.models import count_params, resolve_source, restores_from_files
     from ebft_engine.planner import capacities, plan_memory
     from ebft_engine.remedies import remedy
 
@@ -290,12 +290,14 @@ def plan_text_for(config: RunConfig, card: str) -> str:
         text, _fits = plan_text(config, CARDS[card])
         return f"```\n{text}\n```"
     source = resolve_source(config.model)
-    model_config = load_config(source)
+    model_config, shipped = model_shape(source)  # a preset's hub id: the shape shipped with the lab, no network
     device = pick_device(config.device)
     precision = pick_precision(device, config.dtype, count_params(model_config))
     device_capacity, host_capacity = capacities(device)
     plan = plan_memory(model_config, config, precision, device_capacity=device_capacity,
-                       host_capacity=host_capacity, gguf=source.gguf_file is not None)
+                       host_capacity=host_capacity, gguf=source.gguf_file is not None,
+                       from_files=restores_from_files(source))  # as the run plans it (phases._plan)
     verdict = "fits" if plan.fits else (f"**does not fit**: {plan.problem}; "
                                         f"{remedy(plan, model_config, config, precision)}")
-    return f"{plan.summary()} — {verdict}.\n\n{plan.table()}"
+    shape = f" (the model's shape from {shipped})" if shipped else ""
+    return f"{plan.summary()}{shape} — {verdict}.\n\n{plan.table()}"

@@ -73,3 +73,13 @@ def test_missing_model_paths_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         resolve_source(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("reason", ["and couldn't find them in the cached files.", "no such file", ""])
+def test_a_model_load_failure_is_one_sentence_with_one_full_stop(reason):
+    """huggingface_hub's offline message ends with its own period: "cached files.. Check the hub id" read badly."""
+    from ebft_engine.models.loading import _load_failure, resolve_source
+
+    text = _load_failure(resolve_source("nobody/nothing"), OSError(reason) if reason else OSError())
+    assert ".." not in text
+    assert text.startswith(f"model: could not load nobody/nothing: {reason.rstrip('.') or 'OSError'}. Check the hub id")

@@ -233,3 +233,21 @@ def test_a_cpu_run_keeps_the_evaluation_states_on_the_host(paper):
                        eval_hidden="device")
     assert plan.eval_hidden == "host" and plan.phase("eval").device == 0
     assert plan.phase("eval").host > plan.phase("load").host + 166 * 2048 * 4096 * 2
+
+
+def test_a_host_lever_is_offered_only_when_its_plan_fits_the_host(paper):
+    """A CPU run of LLaMA-7B with host memory just under its peak: the advice is a lever whose own plan fits, or
+    (below the model's floor) none at all, always with the host memory the run needs."""
+    from ebft_engine.remedies import remedy
+
+    cpu = Precision(torch.device("cpu"), torch.bfloat16, torch.bfloat16)
+    model = SEVEN_B["llama-7b"]
+    full = plan_memory(model, paper, cpu)
+    short = plan_memory(model, paper, cpu, host_capacity=full.peak_host - GiB // 4)
+    advice = remedy(short, model, paper, cpu)
+    assert advice.startswith("try --batch-size ") and f"at least {full.peak_host / GiB:.2f} GiB" in advice
+    batch = int(advice.split("--batch-size ")[1].split()[0])
+    assert plan_memory(model, paper.with_overrides({"ebft.batch_size": batch}), cpu,
+                       host_capacity=short.host_capacity).fits
+    floor = plan_memory(model, paper, cpu, host_capacity=full.phase("load").host - 1)
+    assert remedy(floor, model, paper, cpu).startswith("no setting brings it under")

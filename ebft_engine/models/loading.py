@@ -379,5 +379,6 @@ def _local_folder(source: "ModelSource") -> Path | None:
 
 def _load_failure(source: ModelSource, error: Exception) -> str:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__
-    return (f"model: could not load {source.label}: {reason[:300]}. Check the hub id or path; without "
+    reason = reason[:300].rstrip().rstrip(".")  # its own full stop, then ours: one
+    return (f"model: could not load {source.label}: {reason}. Check the hub id or path; without "
             f"internet use a local folder, a .gguf file or '{EMBEDDED_NAME}'")

@@ -110,3 +110,55 @@ def test_the_sparsity_slider_follows_an_n_m_pattern_and_a_mismatch_is_refused():
         values_to_config(values)
     values["prune.sparsity"] = sparsity_for_pattern("2:4")
     assert values_to_config(values).prune.sparsity == 0.5
+
+
+def test_the_time_estimate_reproduces_the_measured_runs_it_comes_from():
+    """run_seconds at SmolLM2-135M's size: the demo preset is the measured 255 s (x MARGIN), the Space's preset at
+    SPACES_LIMITS the 673 s the parameter bound is built on; each baseline, recovery and epoch adds to it."""
+    n = policy.DEMO_PARAMS
+    demo, spaces = load_preset("smollm2-demo"), load_preset("smollm2-spaces")
+    assert policy.run_seconds(demo, n) == 255 * 1.25
+    at_limits = spaces.with_overrides({"calib.nsamples": 64, "ebft.epochs": 4})
+    assert policy.run_seconds(at_limits, n) == 673 * 1.25 == policy.SECONDS_PER_PARAM * n
+    more = [spaces.with_overrides({"baselines": "wanda,magnitude"}),
+            spaces.with_overrides({"recoveries": "ebft,ebft-gp"}), spaces.with_overrides({"ebft.epochs": 3})]
+    assert all(policy.run_seconds(c, n) > policy.run_seconds(spaces, n) for c in more)
+    alps = spaces.with_overrides({"baselines": "wanda,alps"})  # README: ALPS pruned SmolLM2-135M in 2,429 s
+    assert policy.run_seconds(alps, n) - policy.run_seconds(spaces, n) == (2429 + 19) * 1.25
+
+
+@pytest.mark.parametrize("overrides,field,fix,dropping", [
+    ({"baselines": "wanda,alps"}, "baselines", "drop alps from baselines, or run", {"baselines": ["alps"]}),
+    ({"baselines": "wanda,sparsegpt,magnitude", "recoveries": "ebft,ebft-gp"}, "baselines",
+     "drop sparsegpt from baselines, or run", {"baselines": ["sparsegpt"]}),
+    ({"calib.nsamples": 64, "ebft.epochs": 4, "baselines": "wanda,sparsegpt,magnitude", "recoveries": "ebft,ebft-gp"},
+     "baselines", "drop sparsegpt, magnitude from baselines and ebft-gp from recoveries, or run",
+     {"baselines": ["sparsegpt", "magnitude"], "recoveries": ["ebft-gp"]}),
+    ({"prune.method": "alps", "baselines": "alps"}, "prune.method",
+     "prune with a faster method than alps (e.g. wanda)", None),
+    ({"calib.source": "wikitext2", "calib.self_nsamples": 256}, "calib.nsamples",
+     "use fewer calibration samples (calib.nsamples, calib.self_nsamples) or EBFT epochs", None),
+])
+def test_spaces_refuses_a_workload_that_would_not_finish_saying_what_to_drop(hub_configs, monkeypatch, overrides,
+                                                                             field, fix, dropping):
+    """A model under the bound can still ask too much: many variants, ALPS (2,429 s on SmolLM2-135M at 70%), more
+    tokens. The estimate grows with them, and the refusal is one line naming what to drop; without it the run
+    is within the Space's time."""
+    monkeypatch.setenv("SPACE_ID", "someone/ebft-lab")
+    monkeypatch.delenv("SPACES_ZERO_GPU", raising=False)
+    config = load_preset("smollm2-spaces").with_overrides({"model": "HuggingFaceTB/SmolLM2-135M", **overrides})
+    with pytest.raises(ConfigError) as info:
+        policy.check(config)
+    assert info.value.field == field and info.value.fix.startswith(fix) and "\n" not in str(info.value)
+    assert "would not finish within 15 minutes on its 2 CPU cores" in info.value.problem
+    if dropping:
+        kept = {k: [v for v in getattr(config, k) if v not in dropping.get(k, [])] for k in ("baselines",
+                                                                                           "recoveries")}
+        fixed = config.with_overrides({k: ",".join(v) for k, v in kept.items()})
+        assert policy.check(fixed) is fixed
+
+
+def test_a_small_model_may_run_a_slow_method_on_a_space():
+    """The estimate scales with the model: ALPS on the tiny random model is seconds."""
+    config = load_preset("smollm2-spaces").with_overrides({"model": "tiny-random", "baselines": "wanda,alps"})
+    assert policy.check(config, spaces=True) is config

@@ -152,3 +152,35 @@ def test_learned_masks_show_their_changes_beside_the_loss():
     assert fig.layout.yaxis2.overlaying == "y"
     # fixed-mask EBFT draws no such axis
     assert not [t for t in plots.loss_curves(fold(_events(finished=False))).data if t.yaxis == "y2"]
+
+
+def test_this_machines_memory_plan_reads_a_presets_shipped_shape_and_plans_as_the_run_does(monkeypatch, tmp_path):
+    """Offline, the llama-7b preset's "this machine" plan failed ("could not load huggyllama/llama-7b") where the
+    t4 choice worked: both read the shape shipped in assets/model-configs. And like the run (phases._plan), a
+    folder without safetensors files plans the dense copy it keeps in host memory between variants."""
+    import json
+    import re
+    import shutil
+
+    from ebft_engine import ModelLoadError, RunConfig, cards, models
+    from lab.runner import plan_text_for
+
+    def offline(source):
+        raise ModelLoadError(f"model: could not load {source.path}: offline")
+
+    paper = RunConfig.from_yaml("assets/presets/llama-7b-paper.yaml")
+    monkeypatch.setattr(cards, "load_config", offline)  # as offline, wherever the config would be read from
+    monkeypatch.setattr(models, "load_config", offline)
+    text = plan_text_for(paper, "this machine")
+    assert text.startswith("memory plan: host peak") and "could not load" not in text
+    assert "(the model's shape from assets/model-configs/huggyllama--llama-7b.json)" in text
+    data = re.compile(r"^\| data \| [^|]+ \| ([\d.]+) GiB \|$", re.M)  # the device column: "-" on a CPU
+    assert data.search(text)[1] == "13.02"  # a hub id is taken to ship safetensors, as the run takes it
+    monkeypatch.undo()
+    folder = tmp_path / "llama-7b-bin"
+    folder.mkdir()
+    shutil.copy("assets/model-configs/huggyllama--llama-7b.json", folder / "config.json")
+    (folder / "pytorch_model.bin").write_bytes(b"")  # .bin only: no safetensors to re-read the dense blocks from
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+    local = plan_text_for(paper.with_overrides({"model": str(folder)}), "this machine")
+    assert data.search(local)[1] == "25.08"  # 13.02 + the blocks' 12.06 GiB copy, from the data phase on
