@@ -3,6 +3,7 @@ device running out of memory, and what to change after it did in a given stage. 
 module advises from its predictions."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -123,7 +124,8 @@ def remedy(plan: MemoryPlan, model_config: Any, config: RunConfig, precision: Pr
         if max(plan.phases, key=lambda p: p.device).phase == "zeroshot":  # no EBFT lever shrinks it
             return ZEROSHOT_FIX
         return suggestion(model_config, config, precision, plan.device_capacity, plan.capability, plan)
-    need = f"a machine with at least {plan.peak_host / GiB:.2f} GiB of host memory (this plan's host peak)"
+    need = (f"a machine with at least {math.ceil(plan.peak_host / GiB * 100) / 100:.2f} GiB of host memory (this "
+            "plan's host peak, rounded up)")
     lever = _first_fitting(_host_levers(config, plan), model_config, config, precision, plan.device_capacity,
                            plan.capability, plan)
     if lever:

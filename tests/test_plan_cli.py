@@ -123,8 +123,10 @@ def test_a_host_too_small_for_the_model_itself_is_told_how_much_it_needs():
     assert code == 1
     verdict = text.rstrip().splitlines()[-1]
     assert verdict.endswith("no setting brings it under 12.00 GiB (the model and the runtime alone take 13.02 GiB): "
-                            "use a machine with at least 13.77 GiB of host memory (this plan's host peak)")
+                            "use a machine with at least 13.78 GiB of host memory (this plan's host peak, rounded up)")
     assert "--nsamples" not in verdict and "--seqlen" not in verdict and "try" not in verdict
+    code, text = _plan("--gpu", "t4", "--host-memory", "13.78")  # the advice, followed, fits
+    assert code == 0, text
 
 
 @pytest.mark.parametrize("activations,lever", [(None, "--batch-size 4"),
@@ -137,7 +139,7 @@ def test_a_short_host_gets_a_lever_that_fits_both_memories(activations, lever):
     assert code == 1 and "calibration activations: on the host" in text
     verdict = text.rstrip().splitlines()[-1]
     assert (f"; try {lever} (planned device peak 9.08 GiB, host peak 13.77 GiB), or use a machine with at least "
-            "19.77 GiB of host memory" in verdict)
+            "19.78 GiB of host memory" in verdict)
     code, text = _plan(*given, *lever.split())
     assert code == 0 and "calibration activations: on the device" in text
 
