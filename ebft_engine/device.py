@@ -54,6 +54,13 @@ SMALL_MODEL_PARAMS = 1_000_000_000
 BF16_MIN_CAPABILITY = (8, 0)
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability (major, minor) of ``device`` when it is a CUDA device present here, else None."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` runs bf16 matmuls natively: the CPU (autocast is fast on these machines) and CUDA
     devices of compute capability 8.0 or more, judged per device index (a machine may mix cards)."""

@@ -38,10 +38,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 
 from .config import RunConfig
-from .device import Precision, capacities  # noqa: F401  (capacities: callers import it from here)
+from .device import Precision, capacities, cuda_capability  # noqa: F401  (capacities: callers import it from here)
 from .models.attention import repeats_kv
 # the terms of each phase (phase_memory.py); the names callers import from here are re-exported
 from .phase_memory import (DEVICE_HEADROOM, RUNTIME_BYTES, GiB, PhasePlan, Shape, eval_hidden_placement,  # noqa: F401
@@ -134,7 +133,7 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
     """
     s = Shape.of(model_config)
     from_files = (not gguf) if from_files is None else from_files
-    capability = capability or _capability(precision.device)
+    capability = capability or cuda_capability(precision.device)
     repeat = repeats_kv(model_config, capability)
     on_gpu = precision.device.type != "cpu"
     choice = activations or config.activations
@@ -152,13 +151,6 @@ def plan_memory(model_config: Any, config: RunConfig, precision: Precision, *, d
                       device_capacity=device_capacity, host_capacity=host_capacity, capability=capability,
                       eval_hidden=where, gguf=gguf, from_files=from_files, calib_cached=calib_cached,
                       zeroshot=zeroshot_mode(s, precision, device_capacity, repeat) if config.eval.zeroshot else None)
-
-
-def _capability(device: torch.device) -> tuple[int, int] | None:
-    """The compute capability of ``device`` when it is a CUDA device present here, else None."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return None
-    return tuple(torch.cuda.get_device_capability(device))
 
 
 def _gib(n: int | None) -> str:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..device import cuda_capability
+
 REPEAT_KV = "sdpa_repeat_kv"  # the registered name (config._attn_implementation)
 FUSED_GQA_CAPABILITY = (8, 0)  # the first compute capability with SDPA's flash kernel, which takes enable_gqa
 
@@ -76,8 +78,7 @@ def repeats_kv(config: Any, capability: tuple[int, int] | None) -> bool:
 def attention_for(config: Any, device: torch.device) -> str:
     """The attention implementation for a model with ``config`` on ``device``: :data:`REPEAT_KV` (registered on
     the way) where :func:`repeats_kv`, else ``"sdpa"``."""
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    if repeats_kv(config, capability):
+    if repeats_kv(config, cuda_capability(device)):
         register()
         return REPEAT_KV
     return "sdpa"
