@@ -38,7 +38,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 from .config import RunConfig
 from .device import Precision, capacities, cuda_capability  # noqa: F401  (capacities: callers import it from here)
 from .models.attention import repeats_kv
