@@ -1,0 +1,51 @@
+"""bench/masks_table.py groups measured runs by starting masks and setting, and says when two runs disagree."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("masks_table", ROOT / "bench" / "masks_table.py")
+masks_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(masks_table)
+
+
+def summary(tmp_path, name, ppl, seconds, sha="aa", method="wanda", sparsity=0.7, windows=16):
+    s = {"config": {"prune": {"method": method, "sparsity": sparsity, "pattern": "unstructured"},
+                    "ebft": {"epochs": 5}},
+         "calibration": {"source": "self", "nsamples": 32, "seqlen": 512},
+         "eval": {"source": "file:/x/wiki.test.raw", "seqlen": 1024, "windows": windows},
+         "mask_sha256": {method: sha}, "ppl": ppl, "seconds": seconds, "lora": None}
+    path = tmp_path / name
+    path.write_text(json.dumps(s))
+    return path
+
+
+def test_cells_merge_first_file_wins_and_disagreement_warns(tmp_path):
+    a = summary(tmp_path, "a.json", {"wanda": 1000.0, "ebft-gp": 150.0, "ebft-mask-gp": 135.0},
+                {"ebft:ebft-gp": 180.0, "ebft:ebft-mask-gp": 225.0})
+    b = summary(tmp_path, "b.json", {"wanda": 1000.0, "ebft": 175.0, "ebft-gp": 151.0},
+                {"ebft:ebft": 170.0, "ebft:ebft-gp": 999.0})
+    groups, warnings = masks_table.group([a, b])
+    g = groups[("wanda", "70%", 5)]
+    assert g["ppl"] == {"wanda": 1000.0, "ebft-gp": 150.0, "ebft-mask-gp": 135.0, "ebft": 175.0}
+    assert g["seconds"] == {"ebft-gp": 180.0, "ebft-mask-gp": 225.0, "ebft": 170.0}
+    assert g["files"] == ["a.json", "b.json"]
+    assert len(warnings) == 1 and "ebft-gp" in warnings[0] and "151.00" in warnings[0]
+    text = masks_table.render(groups, warnings)
+    assert "| wanda | 70% | 5 | 1000.00 | 175.00 |  | 150.00 | 135.00 |" in text
+    assert "-10.0%" in text and "1.25×" in text
+
+
+def test_runs_on_other_masks_or_data_are_left_out(tmp_path):
+    a = summary(tmp_path, "a.json", {"wanda": 1000.0, "ebft": 175.0}, {})
+    other_masks = summary(tmp_path, "b.json", {"wanda": 900.0, "ebft-gp": 1.0}, {}, sha="bb")
+    other_eval = summary(tmp_path, "c.json", {"wanda": 1000.0, "ebft-gp": 2.0}, {}, windows=8)
+    groups, warnings = masks_table.group([a, other_masks, other_eval])
+    assert groups[("wanda", "70%", 5)]["ppl"] == {"wanda": 1000.0, "ebft": 175.0}
+    assert [w.split()[1] for w in warnings] == ["b.json", "c.json"]
+
+
+def test_missing_file_is_one_line_and_exit_2(tmp_path, capsys):
+    assert masks_table.main([str(tmp_path / "nope.json"), "--out", str(tmp_path / "t.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "summaries" in err and "nope.json" in err
