@@ -9,6 +9,7 @@ it; a run stops there and can be resumed).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 from typing import Any, Sequence, TextIO
@@ -259,12 +260,25 @@ class _Printer:
 
     def __init__(self, out: TextIO, quiet: bool):
         self.out, self.quiet, self.bar, self.run_dir = out, quiet, None, None
+        self.lost = False  # the output could not be written: the run goes on silently
 
     def say(self, text: str) -> None:
-        if self.bar is not None:
-            self.bar.write(text, file=self.out)
-        else:
-            print(text, file=self.out, flush=True)
+        if self.lost:
+            return
+        try:
+            if self.bar is not None:
+                self.bar.write(text, file=self.out)
+            else:
+                print(text, file=self.out, flush=True)
+        except BrokenPipeError:  # the reader went away (`| head`): the caller stops, as a shell expects
+            raise
+        except OSError as e:  # the output cannot be written (a full disk): say so once and let the run finish
+            self.lost = True
+            if self.out is sys.stdout:  # the exit's own flush would fail again on what is buffered
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            where = f"; its results go to {self.run_dir}" if self.run_dir else ""
+            print(f"error: the output cannot be written ({e.strerror}); the run goes on without it{where}",
+                  file=sys.stderr)
 
     def show(self, event) -> None:
         """Print ``event`` with the handler of its kind (events the printer does not show have none)."""

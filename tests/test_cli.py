@@ -47,6 +47,27 @@ def test_cli_run_on_tiny_model_prints_table(tiny_run_config, tmp_path):
     assert "status: finished (run folder " in text.rstrip().splitlines()[-1]  # where the run went, even quiet
 
 
+class _FullDisk(io.StringIO):
+    """An output that cannot be written, as `> /dev/full` or a full disk."""
+
+    def write(self, text):
+        raise OSError(28, "No space left on device")
+
+
+def test_an_output_that_fails_does_not_stop_the_run(tiny_run_config, tmp_path, capsys):
+    """A failed write to stdout aborted the run it was printing; now one line, and the run finishes."""
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(tiny_run_config.to_yaml())
+    code = main(["run", "--config", str(preset), "--baselines", "wanda", "--json-out", str(tmp_path / "s.json")],
+                out=_FullDisk())
+    err = capsys.readouterr().err
+    assert code == 0
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        line for line in err.splitlines() if "output cannot be written (No space left on device)" in line]
+    assert err.count("output cannot be written") == 1 and "its results go to" in err
+    assert set(json.loads((tmp_path / "s.json").read_text())["ppl"]) == {"dense", "wanda", "ebft"}
+
+
 def test_missing_model_is_bad_input_with_one_line(tiny_run_config, tmp_path, capsys):
     out = io.StringIO()
     code = main(["run", "--model", str(tmp_path / "nowhere.gguf"), "--runs-dir", str(tmp_path / "runs"),

@@ -192,3 +192,16 @@ def test_a_reader_that_closes_the_pipe_ends_the_plan_quietly():
     child.stdout.close()  # long before the plan is written: importing torch alone takes seconds
     stderr = child.stderr.read().decode()
     assert child.wait(timeout=120) == 141 and stderr == ""
+
+
+def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback():
+    """`plan ... > /dev/full` ended with an OSError traceback; now one line naming why, and exit 2."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        child = subprocess.run([sys.executable, "-m", "ebft_engine", "plan", "--config", PAPER, "--gpu", "t4"],
+                               stdout=full, stderr=subprocess.PIPE, timeout=120)
+    stderr = child.stderr.decode()
+    assert child.returncode == 2
+    assert stderr.count("\n") == 1 and "No space left on device" in stderr and "Traceback" not in stderr
