@@ -1,7 +1,7 @@
 """The learned-mask comparison on SmolLM2-135M, from measured runs: every recovery (``ebft``, ``ebft-mask``,
 ``ebft-gp``, ``ebft-mask-gp``, LoRA) from each pruner's masks, perplexity and training seconds side by side.
 
-    python bench/masks_table.py [SUMMARY.json ...] [--out bench/results/smollm2_masks_table.md]
+    python bench/masks_table.py [SUMMARY.json ...] [--untimed SUMMARY.json ...] [--out bench/results/smollm2_masks_table.md]
 
 Each argument is a run's ``summary.json`` (default: ``bench/results/smollm2_masks_*_summary.json``, then
 ``bench/results/smollm2_baselines_*_summary.json``). Runs are grouped by the masks EBFT started from
@@ -9,7 +9,8 @@ Each argument is a run's ``summary.json`` (default: ``bench/results/smollm2_mask
 and seconds come from the first file that has it, so list the runs whose timings you trust first. Every group
 is checked: the same calibration, evaluation and starting masks (``mask_sha256`` of the pruner) in all its
 files, and a label measured twice must agree to 0.01 in perplexity (the runs are seeded); a disagreement is
-printed as a warning line. This script runs nothing: the measurements are the runs'. The last line is
+printed as a warning line. ``--untimed`` files give perplexities only: their seconds are left out of the
+time table (runs that shared the cores with other jobs; speed here drifts 2x with load). This script runs nothing: the measurements are the runs'. The last line is
 ``table: <path>``.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ def identity(summary: dict, method: str) -> tuple:
             summary["mask_sha256"].get(method))
 
 
-def group(files: list[Path]) -> tuple[dict, list[str]]:
+def group(files: list[Path], untimed: frozenset[Path] = frozenset()) -> tuple[dict, list[str]]:
     """(method, setting, epochs) -> {"ppl": {label: value}, "seconds": {label: s}, "lora_steps": int | None,
     "files": [names]}; and the consistency warnings."""
     groups: dict[tuple, dict] = {}
@@ -68,9 +69,9 @@ def group(files: list[Path]) -> tuple[dict, list[str]]:
                 continue
             g["ppl"][label] = value
             used = True
-            if label in TIMED and TIMED[label] in s["seconds"]:
+            if label in TIMED and TIMED[label] in s["seconds"] and path not in untimed:
                 g["seconds"][label] = s["seconds"][TIMED[label]]
-            if label == "lora" and s.get("lora"):
+            if label == "lora" and s.get("lora") and path not in untimed:
                 g["lora_steps"] = s["lora"].get("steps")
         if used:
             g["files"].append(path.name)
@@ -117,17 +118,19 @@ def render(groups: dict, warnings: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("summaries", nargs="*", type=Path)
+    parser.add_argument("--untimed", nargs="+", type=Path, default=[],
+                        help="summaries whose perplexities count but whose seconds do not (shared cores)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "smollm2_masks_table.md")
     args = parser.parse_args(argv)
     results = ROOT / "bench" / "results"
-    files = args.summaries or [*sorted(results.glob("smollm2_masks_*_summary.json")),
+    files = [*args.summaries, *args.untimed] if args.summaries or args.untimed else [*sorted(results.glob("smollm2_masks_*_summary.json")),
                                *sorted(results.glob("smollm2_baselines_*_summary.json"))]
     missing = [str(f) for f in files if not f.is_file()]
     if missing or not files:
         print(f"error: summaries: no such file: {', '.join(missing) or 'none given or found'}; pass runs' "
               "summary.json files", file=sys.stderr)
         return 2
-    groups, warnings = group(files)
+    groups, warnings = group(files, frozenset(args.untimed))
     text = render(groups, warnings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -49,3 +49,11 @@ def test_missing_file_is_one_line_and_exit_2(tmp_path, capsys):
     assert masks_table.main([str(tmp_path / "nope.json"), "--out", str(tmp_path / "t.md")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "summaries" in err and "nope.json" in err
+
+
+def test_untimed_runs_give_perplexities_but_no_seconds(tmp_path):
+    quiet = summary(tmp_path, "quiet.json", {"wanda": 1000.0, "ebft": 175.0}, {"ebft:ebft": 200.0})
+    shared = summary(tmp_path, "shared.json", {"wanda": 1000.0, "ebft-gp": 150.0}, {"ebft:ebft-gp": 900.0})
+    groups, _ = masks_table.group([quiet, shared], untimed=frozenset({shared}))
+    g = groups[("wanda", "70%", 5)]
+    assert g["ppl"]["ebft-gp"] == 150.0 and g["seconds"] == {"ebft": 200.0}
