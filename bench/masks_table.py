@@ -41,8 +41,8 @@ def identity(summary: dict, method: str) -> tuple:
 
 
 def group(files: list[Path], untimed: frozenset[Path] = frozenset()) -> tuple[dict, list[str]]:
-    """(method, setting, epochs) -> {"ppl": {label: value}, "seconds": {label: s}, "lora_steps": int | None,
-    "files": [names]}; and the consistency warnings."""
+    """(method, setting, epochs) -> {"ppl": {label: value}, "seconds": {label: s}, "timed_in": {label: file name},
+    "lora_steps": int | None, "files": [names]}; and the consistency warnings."""
     groups: dict[tuple, dict] = {}
     warnings = []
     for path in files:
@@ -51,7 +51,7 @@ def group(files: list[Path], untimed: frozenset[Path] = frozenset()) -> tuple[di
         method = cfg["prune"]["method"]
         key = (method, setting(cfg), cfg["ebft"]["epochs"])
         ident = identity(s, method)
-        g = groups.setdefault(key, {"ppl": {}, "seconds": {}, "lora_steps": None, "files": [], "ident": ident})
+        g = groups.setdefault(key, {"ppl": {}, "seconds": {}, "timed_in": {}, "lora_steps": None, "files": [], "ident": ident})
         if ident != g["ident"]:
             warnings.append(f"warning: {path.name} differs from {g['files'][0]} in calibration, evaluation or "
                             f"{method}'s masks; its cells are left out")
@@ -71,6 +71,7 @@ def group(files: list[Path], untimed: frozenset[Path] = frozenset()) -> tuple[di
             used = True
             if label in TIMED and TIMED[label] in s["seconds"] and path not in untimed:
                 g["seconds"][label] = s["seconds"][TIMED[label]]
+                g["timed_in"][label] = path.name
             if label == "lora" and s.get("lora") and path not in untimed:
                 g["lora_steps"] = s["lora"].get("steps")
         if used:
@@ -96,7 +97,8 @@ def render(groups: dict, warnings: list[str]) -> str:
                      f"{change(ppl.get('ebft-mask'), ppl.get('ebft'))} | "
                      f"{change(ppl.get('ebft-mask-gp'), ppl.get('ebft-gp'))} |")
     timed = list(TIMED)
-    lines += ["", "Training seconds per recovery (2 CPU cores; LoRA trains for `ebft`'s time in its run):", "",
+    lines += ["", "Training seconds per recovery (2 CPU cores; LoRA trains for `ebft`'s time in its run; a ratio only where "
+              "both were timed in the same run):", "",
               "| masks from | setting | epochs | " + " | ".join(timed) + " | ebft-mask / ebft | "
               "ebft-mask-gp / ebft-gp |", "|---|---|---:|" + "---:|" * (len(timed) + 2)]
     for key in keys:
@@ -105,7 +107,8 @@ def render(groups: dict, warnings: list[str]) -> str:
         cells = [f"{sec[label]:.0f}" if label in sec else "" for label in timed]
         if "lora" in sec and g["lora_steps"] is not None:
             cells[timed.index("lora")] += f" ({g['lora_steps']} steps)"
-        ratio = [f"{sec[a] / sec[b]:.2f}×" if a in sec and b in sec else ""
+        same_run = g["timed_in"]  # a ratio only within one run: speed here drifts 2x between runs
+        ratio = [f"{sec[a] / sec[b]:.2f}×" if a in sec and b in sec and same_run[a] == same_run[b] else ""
                  for a, b in (("ebft-mask", "ebft"), ("ebft-mask-gp", "ebft-gp"))]
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " | " + " | ".join(ratio) + " |")
     lines += ["", "Sources, per row (a label's cells come from the first file that has it):", ""]

@@ -57,3 +57,12 @@ def test_untimed_runs_give_perplexities_but_no_seconds(tmp_path):
     groups, _ = masks_table.group([quiet, shared], untimed=frozenset({shared}))
     g = groups[("wanda", "70%", 5)]
     assert g["ppl"]["ebft-gp"] == 150.0 and g["seconds"] == {"ebft": 200.0}
+
+
+def test_a_time_ratio_only_within_one_run(tmp_path):
+    one = summary(tmp_path, "one.json", {"wanda": 1000.0, "ebft": 175.0, "ebft-mask": 165.0, "ebft-mask-gp": 135.0},
+                  {"ebft:ebft": 200.0, "ebft:ebft-mask": 220.0, "ebft:ebft-mask-gp": 300.0})
+    other = summary(tmp_path, "other.json", {"wanda": 1000.0, "ebft-gp": 150.0}, {"ebft:ebft-gp": 100.0})
+    text = masks_table.render(*masks_table.group([one, other]))
+    row = next(line for line in text.splitlines() if line.startswith("| wanda | 70% | 5 | 200 |"))
+    assert row == "| wanda | 70% | 5 | 200 | 220 | 100 | 300 |  | 1.10× |  |"  # ebft-gp was timed in another run
