@@ -1,17 +1,20 @@
 """The learned-mask comparison on SmolLM2-135M, from measured runs: every recovery (``ebft``, ``ebft-mask``,
 ``ebft-gp``, ``ebft-mask-gp``, LoRA) from each pruner's masks, perplexity and training seconds side by side.
 
-    python bench/masks_table.py [SUMMARY.json ...] [--untimed SUMMARY.json ...] [--out bench/results/smollm2_masks_table.md]
+    python bench/masks_table.py [SUMMARY.json ...] [--untimed SUMMARY.json ...] [--out PATH]
 
-Each argument is a run's ``summary.json`` (default: ``bench/results/smollm2_masks_*_summary.json``, then
-``bench/results/smollm2_baselines_*_summary.json``). Runs are grouped by the masks EBFT started from
+Each argument is a run's ``summary.json``; without any, the runs the README's table is made of
+(``TIMED_RUNS`` and ``UNTIMED_RUNS`` below, in ``bench/results/``), so the plain command rewrites
+``bench/results/smollm2_masks_table.md`` as committed. Runs are grouped by the masks EBFT started from
 (``prune.method``), the setting (sparsity or N:M) and the epochs per block; within a group a label's perplexity
 and seconds come from the first file that has it, so list the runs whose timings you trust first. Every group
 is checked: the same calibration, evaluation and starting masks (``mask_sha256`` of the pruner) in all its
 files, and a label measured twice must agree to 0.01 in perplexity (the runs are seeded); a disagreement is
-printed as a warning line. ``--untimed`` files give perplexities only: their seconds are left out of the
-time table (runs that shared the cores with other jobs; speed here drifts 2x with load). This script runs nothing: the measurements are the runs'. The last line is
-``table: <path>``.
+printed as a warning line, as is a run that did not finish (its measured cells still count). ``--untimed``
+files give perplexities only: their seconds are left out of the time table (runs that shared the cores with
+other jobs; speed here drifts 2x with load), and a time ratio is shown only for two recoveries timed in the
+same run. This script runs nothing: the measurements are the runs'. The last line is ``table: <path>``; a file
+that is not a run's summary is one line naming it, exit 2.
 """
 from __future__ import annotations
 
@@ -22,6 +25,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECOVERIES = ["ebft", "ebft-mask", "ebft-gp", "ebft-mask-gp", "lora", "lora-merged"]
+# The README's table: quiet runs first (their seconds count), then runs that shared the cores.
+TIMED_RUNS = ["smollm2_masks_70pct_ep5_ebft", "smollm2_masks_2of4_ep5_ebft", "smollm2_masks_50pct_ep5_quiet",
+              "smollm2_masks_70pct_ep5", "smollm2_masks_sparsegpt_50pct_ep5", "smollm2_masks_sparsegpt_70pct_ep5",
+              "smollm2_masks_sparsegpt_2of4_ep5", "smollm2_masks_70pct_gp6", "smollm2_masks_2of4_ep6",
+              "smollm2_baselines_70pct", "smollm2_baselines_2of4"]
+UNTIMED_RUNS = ["smollm2_masks_2of4_ep5"]
 TIMED = {"ebft": "ebft:ebft", "ebft-mask": "ebft:ebft-mask", "ebft-gp": "ebft:ebft-gp",
          "ebft-mask-gp": "ebft:ebft-mask-gp", "lora": "lora:lora"}
 
@@ -40,20 +49,46 @@ def identity(summary: dict, method: str) -> tuple:
             summary["mask_sha256"].get(method))
 
 
+class NotASummary(ValueError):
+    """A file that is not a run's summary.json: the message names it and what is missing."""
+
+
+def load(path: Path) -> dict:
+    """A run's summary, checked for what the table reads; raises NotASummary."""
+    try:
+        s = json.loads(path.read_text())
+        cfg = s["config"]
+        for value, kind in ((cfg["prune"]["method"], str), (cfg["prune"]["pattern"], str),
+                            (cfg["ebft"]["epochs"], int), (s["ppl"], dict), (s["seconds"], dict),
+                            (s["mask_sha256"], dict)):
+            if not isinstance(value, kind):
+                raise TypeError(f"{value!r} is not {kind.__name__}")
+        identity(s, cfg["prune"]["method"])
+        setting(cfg)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
+        raise NotASummary(f"summaries: {path} is not a run's summary.json ({what}); pass the summary.json of a "
+                          "run (in its run folder, or bench/results/*_summary.json)") from None
+    return s
+
+
 def group(files: list[Path], untimed: frozenset[Path] = frozenset()) -> tuple[dict, list[str]]:
     """(method, setting, epochs) -> {"ppl": {label: value}, "seconds": {label: s}, "timed_in": {label: file name},
     "lora_steps": int | None, "files": [names]}; and the consistency warnings."""
     groups: dict[tuple, dict] = {}
     warnings = []
     for path in files:
-        s = json.loads(path.read_text())
+        s = load(path)
         cfg = s["config"]
+        if s.get("status", "finished") != "finished":
+            warnings.append(f"warning: {path.name} has status {s.get('status')}: the numbers it measured are used")
         method = cfg["prune"]["method"]
         key = (method, setting(cfg), cfg["ebft"]["epochs"])
         ident = identity(s, method)
-        g = groups.setdefault(key, {"ppl": {}, "seconds": {}, "timed_in": {}, "lora_steps": None, "files": [], "ident": ident})
+        g = groups.setdefault(key, {"ppl": {}, "seconds": {}, "timed_in": {}, "lora_steps": None, "files": [],
+                                    "ident": ident, "first": path.name})
         if ident != g["ident"]:
-            warnings.append(f"warning: {path.name} differs from {g['files'][0]} in calibration, evaluation or "
+            warnings.append(f"warning: {path.name} differs from {g['first']} in calibration, evaluation or "
                             f"{method}'s masks; its cells are left out")
             continue
         used = False
@@ -126,14 +161,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "smollm2_masks_table.md")
     args = parser.parse_args(argv)
     results = ROOT / "bench" / "results"
-    files = [*args.summaries, *args.untimed] if args.summaries or args.untimed else [*sorted(results.glob("smollm2_masks_*_summary.json")),
-                               *sorted(results.glob("smollm2_baselines_*_summary.json"))]
+    if args.summaries or args.untimed:
+        files, untimed = [*args.summaries, *args.untimed], args.untimed
+    else:
+        untimed = [results / f"{name}_summary.json" for name in UNTIMED_RUNS]
+        files = [*(results / f"{name}_summary.json" for name in TIMED_RUNS), *untimed]
     missing = [str(f) for f in files if not f.is_file()]
-    if missing or not files:
-        print(f"error: summaries: no such file: {', '.join(missing) or 'none given or found'}; pass runs' "
-              "summary.json files", file=sys.stderr)
+    if missing:
+        print(f"error: summaries: no such file: {', '.join(missing)}; pass runs' summary.json files",
+              file=sys.stderr)
         return 2
-    groups, warnings = group(files, frozenset(args.untimed))
+    try:
+        groups, warnings = group(files, frozenset(untimed))
+    except NotASummary as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     text = render(groups, warnings)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

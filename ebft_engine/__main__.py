@@ -18,7 +18,7 @@ if __name__ == "__main__":
         code = CLOSED_PIPE
     except OSError as e:  # stdout cannot be written (a full disk): one line, not a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"error: the output cannot be written ({e.strerror}); write it where there is room (a run's "
-              "folder keeps its summary.json and what finished)", file=sys.stderr)
+        print(f"error: the output cannot be written ({e.strerror}); send it where there is room",
+              file=sys.stderr)
         code = 2
     sys.exit(code)

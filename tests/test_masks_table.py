@@ -66,3 +66,33 @@ def test_a_time_ratio_only_within_one_run(tmp_path):
     text = masks_table.render(*masks_table.group([one, other]))
     row = next(line for line in text.splitlines() if line.startswith("| wanda | 70% | 5 | 200 |"))
     assert row == "| wanda | 70% | 5 | 200 | 220 | 100 | 300 |  | 1.10× |  |"  # ebft-gp was timed in another run
+
+
+def test_files_that_are_not_summaries_are_one_line_and_exit_2(tmp_path, capsys):
+    real = json.loads(summary(tmp_path, "real.json", {"wanda": 1.0}, {}).read_text())
+    del real["seconds"]
+    cases = {"text.json": "not json", "empty.json": "{}", "list.json": "[]", "noseconds.json": json.dumps(real)}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        assert masks_table.main([str(tmp_path / name), "--out", str(tmp_path / "t.md")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: summaries: ") and name in err, err
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_a_run_that_did_not_finish_is_used_with_a_warning_and_an_empty_first_run_is_harmless(tmp_path):
+    empty = summary(tmp_path, "empty.json", {}, {})
+    other = summary(tmp_path, "other.json", {"wanda": 1.0}, {}, sha="bb")
+    failed = json.loads(summary(tmp_path, "failed.json", {"wanda": 1.0, "ebft": 0.5}, {}).read_text())
+    failed["status"] = "failed"
+    (tmp_path / "failed.json").write_text(json.dumps(failed))
+    groups, warnings = masks_table.group([empty, other, tmp_path / "failed.json"])
+    assert groups[("wanda", "70%", 5)]["ppl"] == {"wanda": 1.0, "ebft": 0.5}
+    assert "other.json differs from empty.json" in warnings[0]
+    assert "failed.json has status failed" in warnings[1]
+
+
+def test_the_plain_command_rebuilds_the_committed_table(tmp_path):
+    out = tmp_path / "t.md"
+    assert masks_table.main(["--out", str(out)]) == 0
+    assert out.read_text() == (ROOT / "bench" / "results" / "smollm2_masks_table.md").read_text()
