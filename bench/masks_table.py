@@ -30,7 +30,7 @@ TIMED_RUNS = ["smollm2_masks_70pct_ep5_ebft", "smollm2_masks_2of4_ep5_ebft", "sm
               "smollm2_masks_70pct_ep5", "smollm2_masks_sparsegpt_50pct_ep5", "smollm2_masks_sparsegpt_70pct_ep5",
               "smollm2_masks_sparsegpt_2of4_ep5", "smollm2_masks_70pct_gp6", "smollm2_masks_2of4_ep6",
               "smollm2_baselines_70pct", "smollm2_baselines_2of4"]
-UNTIMED_RUNS = ["smollm2_masks_2of4_ep5"]
+UNTIMED_RUNS = ["smollm2_masks_2of4_ep5", "smollm2_masks_alps_2of4_ep5", "smollm2_alps_50pct", "smollm2_alps_70pct"]
 TIMED = {"ebft": "ebft:ebft", "ebft-mask": "ebft:ebft-mask", "ebft-gp": "ebft:ebft-gp",
          "ebft-mask-gp": "ebft:ebft-mask-gp", "lora": "lora:lora"}
 
@@ -136,7 +136,7 @@ def render(groups: dict, warnings: list[str]) -> str:
               "both were timed in the same run):", "",
               "| masks from | setting | epochs | " + " | ".join(timed) + " | ebft-mask / ebft | "
               "ebft-mask-gp / ebft-gp |", "|---|---|---:|" + "---:|" * (len(timed) + 2)]
-    for key in keys:
+    for key in [k for k in keys if groups[k]["seconds"]]:  # rows with no timed run have no line here
         g = groups[key]
         sec = g["seconds"]
         cells = [f"{sec[label]:.0f}" if label in sec else "" for label in timed]
