@@ -31,7 +31,7 @@ TIMED_RUNS = ["smollm2_masks_70pct_ep5_ebft", "smollm2_masks_2of4_ep5_ebft", "sm
               "smollm2_masks_sparsegpt_2of4_ep5", "smollm2_masks_70pct_gp6", "smollm2_masks_2of4_ep6",
               "smollm2_baselines_70pct", "smollm2_baselines_2of4"]
 UNTIMED_RUNS = ["smollm2_masks_2of4_ep5", "smollm2_masks_alps_2of4_ep5", "smollm2_alps_50pct", "smollm2_alps_70pct"]
-TIMED = {"ebft": "ebft:ebft", "ebft-mask": "ebft:ebft-mask", "ebft-gp": "ebft:ebft-gp",
+PHASE_OF = {"ebft": "ebft:ebft", "ebft-mask": "ebft:ebft-mask", "ebft-gp": "ebft:ebft-gp",
          "ebft-mask-gp": "ebft:ebft-mask-gp", "lora": "lora:lora"}
 
 
@@ -53,8 +53,9 @@ class NotASummary(ValueError):
     """A file that is not a run's summary.json: the message names it and what is missing."""
 
 
-def load(path: Path) -> dict:
-    """A run's summary, checked for what the table reads; raises NotASummary."""
+def load(path: Path) -> tuple[tuple, tuple, dict]:
+    """A run's summary as (row key: method, setting, epochs; :func:`identity`; the summary), checked for what
+    the table reads; raises NotASummary."""
     try:
         s = json.loads(path.read_text())
         cfg = s["config"]
@@ -63,13 +64,12 @@ def load(path: Path) -> dict:
                             (s["mask_sha256"], dict)):
             if not isinstance(value, kind):
                 raise TypeError(f"{value!r} is not {kind.__name__}")
-        identity(s, cfg["prune"]["method"])
-        setting(cfg)
+        method = cfg["prune"]["method"]
+        return (method, setting(cfg), cfg["ebft"]["epochs"]), identity(s, method), s
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0]
         raise NotASummary(f"summaries: {path} is not a run's summary.json ({what}); pass the summary.json of a "
                           "run (in its run folder, or bench/results/*_summary.json)") from None
-    return s
 
 
 def group(files: list[Path], untimed: frozenset[Path] = frozenset()) -> tuple[dict, list[str]]:
@@ -78,13 +78,10 @@ def group(files: list[Path], untimed: frozenset[Path] = frozenset()) -> tuple[di
     groups: dict[tuple, dict] = {}
     warnings = []
     for path in files:
-        s = load(path)
-        cfg = s["config"]
+        key, ident, s = load(path)
+        method = key[0]
         if s.get("status", "finished") != "finished":
             warnings.append(f"warning: {path.name} has status {s.get('status')}: the numbers it measured are used")
-        method = cfg["prune"]["method"]
-        key = (method, setting(cfg), cfg["ebft"]["epochs"])
-        ident = identity(s, method)
         g = groups.setdefault(key, {"ppl": {}, "seconds": {}, "timed_in": {}, "lora_steps": None, "files": [],
                                     "ident": ident, "first": path.name})
         if ident != g["ident"]:
@@ -104,8 +101,8 @@ def group(files: list[Path], untimed: frozenset[Path] = frozenset()) -> tuple[di
                 continue
             g["ppl"][label] = value
             used = True
-            if label in TIMED and TIMED[label] in s["seconds"] and path not in untimed:
-                g["seconds"][label] = s["seconds"][TIMED[label]]
+            if label in PHASE_OF and PHASE_OF[label] in s["seconds"] and path not in untimed:
+                g["seconds"][label] = s["seconds"][PHASE_OF[label]]
                 g["timed_in"][label] = path.name
             if label == "lora" and s.get("lora") and path not in untimed:
                 g["lora_steps"] = s["lora"].get("steps")
@@ -131,7 +128,7 @@ def render(groups: dict, warnings: list[str]) -> str:
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " | "
                      f"{change(ppl.get('ebft-mask'), ppl.get('ebft'))} | "
                      f"{change(ppl.get('ebft-mask-gp'), ppl.get('ebft-gp'))} |")
-    timed = list(TIMED)
+    timed = list(PHASE_OF)
     lines += ["", "Training seconds per recovery (2 CPU cores; LoRA trains for `ebft`'s time in its run; a ratio only where "
               "both were timed in the same run):", "",
               "| masks from | setting | epochs | " + " | ".join(timed) + " | ebft-mask / ebft | "

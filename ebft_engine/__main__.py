@@ -13,12 +13,12 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before the engine's own handler took over: nothing was started
         print("cancelled before the run started", file=sys.stderr)
         code = 130
-    except BrokenPipeError:  # stdout's reader closed it: stop quietly (the Python docs' recipe)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush finds no pipe
-        code = CLOSED_PIPE
-    except OSError as e:  # stdout cannot be written (a full disk): one line, not a traceback
+    except OSError as e:  # stdout cannot take what is left: the exit's own flush must find nothing to fail on
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        print(f"error: the output cannot be written ({e.strerror}); send it where there is room",
-              file=sys.stderr)
-        code = 2
+        if isinstance(e, BrokenPipeError):  # its reader closed it: stop quietly (the Python docs' recipe)
+            code = CLOSED_PIPE
+        else:  # it cannot be written (a full disk): one line, not a traceback
+            print(f"error: the output cannot be written ({e.strerror}); send it where there is room",
+                  file=sys.stderr)
+            code = 2
     sys.exit(code)
